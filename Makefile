@@ -1,0 +1,47 @@
+# The README's commands. `make demo` and `make test` work on a fresh machine: they create .venv and
+# install everything first (torch's CPU wheel here; set TORCH_SPEC for another build, e.g. a CUDA one).
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+DEMO_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: install demo test test-fast lint bench tiny-base clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# Torch first, so that the range in pyproject is satisfied by this build rather than a newer download.
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[all]"
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/trainer train run.dir=$(DEMO_DIR)
+	@echo "demo results: $(DEMO_DIR)/summary.json, $(DEMO_DIR)/loss_curve.png, $(DEMO_DIR)/final/"
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not slurm and not distributed" $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check trainer launch tests benchmarks
+
+bench: install
+	$(PY) benchmarks/run.py
+
+# Rebuild the embedded demo model from scratch (about 20 minutes on 2 CPU cores).
+tiny-base: install
+	$(PY) -m trainer.demo.build_base prepare build/tiny-base
+	TINY_BASE_DIR=build/tiny-base $(VENV)/bin/trainer train experiment=tiny-base run.dir=build/tiny-base/run resume=never
+	$(PY) -m trainer.demo.build_base install build/tiny-base/run
+
+clean:
+	rm -rf build runs outputs multirun .pytest_cache

@@ -1,0 +1,1 @@
+"""Entry points that compose configs with Hydra: compose -> validate -> freeze -> run here or submit."""

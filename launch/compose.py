@@ -1,0 +1,54 @@
+"""Shared Hydra plumbing: where conf/ lives, our resolvers, and turning Hydra's errors into one line."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from trainer.errors import ConfigError
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "trainer" / "assets"
+
+
+def asset_path(name: str) -> str:
+    """`${asset:tiny-llama}` -> the absolute path of a file or dir shipped in trainer/assets/."""
+    return str(ASSETS_DIR / name)
+
+
+def setup_hydra() -> None:
+    """Register schemas and resolvers (idempotent). Hydra re-raises errors so we can word them."""
+    from omegaconf import OmegaConf
+
+    from trainer.config.store import register_schemas
+
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    register_schemas()
+    if not OmegaConf.has_resolver("asset"):
+        OmegaConf.register_new_resolver("asset", asset_path)
+
+
+def hydra_error_to_config_error(err: Exception) -> ConfigError | None:
+    """Word Hydra's/OmegaConf's composition errors as one line naming the key; None if not a config error."""
+    from hydra.errors import HydraException, MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else None
+    source = cause or err
+    if not isinstance(err, (HydraException, OmegaConfBaseException)):
+        return None
+    key = getattr(source, "full_key", None)
+    message = str(getattr(source, "msg", None) or source).strip().splitlines()
+    first = message[0] if message else type(source).__name__
+    if isinstance(err, MissingConfigException):
+        options = [o for o in getattr(err, "options", None) or [] if not o.startswith("schema_")]
+        hint = f" (available: {', '.join(options)})" if options else ""
+        first = first.split(" (available")[0].replace("In 'train': ", "")
+        return ConfigError("defaults", f"{first}{hint}")
+    if "is not in struct" in first or "Key '" in first and "not in" in first:
+        first = f"unknown key; check the spelling, or see `trainer train --cfg job` for the keys that exist"
+    if "Could not override" in first and not key:
+        # Hydra's wording: "Could not override 'x'.\nTo append to your config use +x=1\nKey 'x' is not in struct"
+        key = first.split("'")[1] if "'" in first else "override"
+        first = "unknown key; check the spelling, or see `trainer train --cfg job` for the keys that exist"
+    return ConfigError(str(key or "config"), first)

@@ -1,0 +1,67 @@
+"""Shared test helpers: run the real `trainer` CLI in a subprocess and read its run dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: str | None = None) -> subprocess.CompletedProcess:
+    """`trainer ARGS` in a fresh Python process, exactly as a user runs it."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"),
+                **(env or {})}
+    return subprocess.run([sys.executable, "-m", "trainer.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=cwd or str(REPO))
+
+
+def compose_config(*overrides: str):
+    """The validated `Config` that `trainer train OVERRIDES` would freeze (no run started)."""
+    from hydra import compose, initialize_config_dir
+
+    from launch.compose import CONF_DIR, setup_hydra
+    from trainer.config.validate import to_config
+
+    setup_hydra()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return to_config(compose(config_name="train", overrides=list(overrides)))
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.jsonl") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A user error: exit code 2, one line on stderr naming what is wrong, no traceback."""
+    assert result.returncode == 2, f"exit {result.returncode}\nstdout:{result.stdout}\nstderr:{result.stderr}"
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1, f"expected one line, got:\n{result.stderr}"
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+
+
+# A few quick steps of the embedded default, shared by the end-to-end tests.
+QUICK = ("train.max_steps=6", "train.micro_batch_size=4", "train.global_batch_size=8", "eval.max_batches=2",
+         "eval.generate_samples=4", "eval.max_new_tokens=8", "logger.progress=false", "logger.plot=true")
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    return tmp_path / "run"

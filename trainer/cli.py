@@ -1,0 +1,64 @@
+"""The `trainer` command: a thin dispatcher to subcommands.
+
+Nothing heavy is imported here or at the top of the subcommand modules, so `trainer --help` and config
+errors answer in about a second. User errors print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from trainer.errors import EXIT_USER_ERROR, UserError
+
+USAGE = """\
+usage: trainer <command> [args]
+
+Fine-tune large language models: one CPU process to many GPUs and nodes.
+
+commands:
+  train [OVERRIDES]     compose the config (Hydra), validate, freeze it into the run dir, and train
+                        e.g. trainer train model.path=/models/llama data.path=data.jsonl peft=lora
+                             trainer train --cfg job           (print the composed config)
+                             trainer train -m optim.lr=1e-4,2e-4  (a sweep: one run dir per point)
+
+Run `trainer <command> --help` for a command's options. Config groups and keys: README.md.
+"""
+
+
+def _commands() -> dict:
+    # Imported on use so that one subcommand's dependencies never slow another down.
+    def train(argv: list[str]) -> int:
+        from launch.train import main as train_main
+
+        return train_main(argv)
+
+    return {"train": train}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = _commands()
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        sys.stdout.write(USAGE)
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from trainer import __version__
+
+        print(f"trainer {__version__}")
+        return 0
+    command = commands.get(argv[0])
+    if command is None:
+        sys.stderr.write(f"trainer: unknown command {argv[0]!r}; commands: {', '.join(commands)}\n")
+        return EXIT_USER_ERROR
+    try:
+        return int(command(argv[1:]) or 0)
+    except UserError as err:
+        sys.stderr.write(f"trainer: {err}\n")
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        sys.stderr.write("trainer: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

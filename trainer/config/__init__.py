@@ -1,0 +1,1 @@
+"""Typed configuration: schemas, Hydra registration, validation, and the frozen run config."""

@@ -1,0 +1,140 @@
+"""Evaluation: token-level loss and perplexity on the validation split, and generation metrics.
+
+Every rank evaluates its share and the sums are reduced, so sharded models (where every rank must run
+the same forwards) work too: generation runs a fixed number of greedy steps on equally many batches.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+
+from trainer.data.encode import IGNORE_INDEX, EncodedSample
+from trainer.data.formats import Sample
+from trainer.data.loader import collate
+
+
+def token_loss_sum(logits, labels):
+    """Sum of next-token cross-entropy over label tokens, in fp32 (logits may be bf16/fp16)."""
+    import torch.nn.functional as F
+
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _rank_share(items: list, rank: int, world_size: int, batch_size: int) -> list[list]:
+    """This rank's batches; every rank gets the same number of batches (some may be empty)."""
+    mine = items[rank::world_size]
+    num_batches = math.ceil(math.ceil(len(items) / world_size) / batch_size)
+    return [mine[i * batch_size:(i + 1) * batch_size] for i in range(num_batches)]
+
+
+def evaluate_loss(model, rows: list[EncodedSample], strategy, batch_size: int, pad_id: int, max_batches: int = 0) -> dict:
+    import torch
+
+    if not rows:
+        return {}
+    batches = _rank_share(rows, strategy.rank, strategy.world_size, batch_size)
+    if max_batches:
+        batches = batches[:max_batches]
+    loss_sum, num_tokens = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for batch_rows in batches:
+            padding_batch = not batch_rows  # a rank with nothing left still runs a forward, keeping ranks in lockstep
+            batch_rows = batch_rows or rows[:1]
+            batch = {k: v.to(strategy.device) for k, v in collate(batch_rows, pad_id).items()}
+            with strategy.autocast():
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            if not padding_batch:
+                loss_sum += float(token_loss_sum(logits, batch["labels"]))
+                num_tokens += sum(row.num_label_tokens for row in batch_rows)
+    model.train(was_training)
+    loss_sum = strategy.all_reduce_sum(loss_sum)
+    num_tokens = strategy.all_reduce_sum(num_tokens)
+    loss = loss_sum / max(num_tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop punctuation and articles, collapse spaces (SQuAD-style normalisation)."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, device, autocast) -> list[str]:
+    """Greedy decoding for exactly max_new_tokens steps (fixed count keeps sharded ranks in lockstep)."""
+    import torch
+
+    encoded = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        encoded.append(([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids)
+    length = max(len(ids) for ids in encoded)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (length - len(ids)) + ids for ids in encoded], device=device)  # left pad
+    attention_mask = torch.tensor([[0] * (length - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    generated, past = [], None
+    step_ids = input_ids
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            with autocast():
+                out = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            next_ids = out.logits[:, -1, :].argmax(-1)
+            next_ids = torch.where(finished, torch.full_like(next_ids, pad), next_ids)
+            generated.append(next_ids)
+            finished |= next_ids == tokenizer.eos_token_id
+            step_ids = next_ids[:, None]
+            attention_mask = torch.cat([attention_mask, torch.ones_like(step_ids)], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+    tokens = torch.stack(generated, dim=1).tolist()
+    texts = []
+    for row in tokens:
+        if tokenizer.eos_token_id in row:
+            row = row[:row.index(tokenizer.eos_token_id)]
+        texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts
+
+
+def generation_metrics(model, tokenizer, samples: list[Sample], strategy, max_new_tokens: int,
+                       batch_size: int = 16) -> tuple[dict, list[dict]]:
+    """Exact match and token F1 of greedy answers against the references; also returns a few examples."""
+    if not samples:
+        return {}, []
+    was_training = model.training
+    model.eval()
+    exact, f1, count, examples = 0.0, 0.0, 0, []
+    for batch in _rank_share(samples, strategy.rank, strategy.world_size, batch_size):
+        prompts = [s.prompt for s in batch] or [samples[0].prompt]
+        answers = greedy_generate(model, tokenizer, prompts, max_new_tokens, strategy.device, strategy.autocast)
+        for sample, answer in zip(batch, answers):
+            exact += float(normalize_answer(answer) == normalize_answer(sample.reference))
+            f1 += token_f1(answer, sample.reference)
+            count += 1
+            if len(examples) < 3:
+                examples.append({"prompt": sample.prompt, "reference": sample.reference, "answer": answer})
+    model.train(was_training)
+    exact, f1, count = (strategy.all_reduce_sum(x) for x in (exact, f1, count))
+    return {"exact_match": exact / max(count, 1), "token_f1": f1 / max(count, 1)}, examples

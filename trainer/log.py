@@ -1,0 +1,144 @@
+"""Where metrics go: a progress line, metrics.jsonl, W&B, TensorBoard. Rank gating happens once, here.
+
+`build_logger` returns a `NullLogger` on non-zero ranks, so the training loop never asks which rank it is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+from trainer.config.schema import LoggerConfig
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+class NullLogger:
+    def log_train(self, step: int, metrics: dict) -> None: ...
+    def log_eval(self, step: int, metrics: dict) -> None: ...
+    def progress(self, step: int, total: int, metrics: dict) -> None: ...
+    def info(self, message: str) -> None: ...
+    def close(self) -> None: ...
+
+
+def _format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
+
+
+class ProgressLine:
+    """`step 12/200 [6%] eta 01:40 loss 2.314 lr 1.9e-04 1,234 tok/s` on stderr; a new line per update when
+    stderr is not a terminal (log files, Slurm), rewritten in place when it is."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.start = time.monotonic()
+        self.first_step: int | None = None
+
+    def update(self, step: int, total: int, metrics: dict) -> None:
+        now = time.monotonic()
+        if self.first_step is None:
+            self.first_step, self.start = step - 1, now - 1e-9
+        done = step - self.first_step
+        eta = (now - self.start) / max(done, 1) * (total - step)
+        parts = [f"step {step}/{total} [{100 * step // max(total, 1)}%]", f"eta {_format_duration(eta)}"]
+        if "loss" in metrics:
+            parts.append(f"loss {metrics['loss']:.4f}")
+        if "lr" in metrics:
+            parts.append(f"lr {metrics['lr']:.2e}")
+        if "tokens_per_second" in metrics:
+            parts.append(f"{metrics['tokens_per_second']:,.0f} tok/s")
+        line = "  ".join(parts)
+        self.stream.write(("\r" + line.ljust(100)) if self.tty else line + "\n")
+        if self.tty and step >= total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+class JsonlWriter:
+    """metrics.jsonl: one object per logged step or evaluation, appended and flushed (safe to tail)."""
+
+    def __init__(self, path: str):
+        self.fh = open(path, "a", buffering=1)
+
+    def write(self, record: dict) -> None:
+        self.fh.write(json.dumps(record, sort_keys=False) + "\n")
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+class RunLogger:
+    def __init__(self, cfg: LoggerConfig, run_dir: str, run_name: str, config_dict: dict):
+        self.cfg = cfg
+        self.progress_line = ProgressLine() if cfg.progress else None
+        self.jsonl = JsonlWriter(os.path.join(run_dir, "metrics.jsonl"))
+        self.wandb_run = _start_wandb(cfg, run_dir, run_name, config_dict)
+        self.tensorboard = _start_tensorboard(run_dir) if cfg.tensorboard else None
+
+    def log_train(self, step: int, metrics: dict) -> None:
+        self.jsonl.write({"step": step, **metrics})
+        if self.wandb_run is not None:
+            self.wandb_run.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
+        if self.tensorboard is not None:
+            for key, value in metrics.items():
+                self.tensorboard.add_scalar(f"train/{key}", value, step)
+
+    def log_eval(self, step: int, metrics: dict) -> None:
+        self.jsonl.write({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
+        shown = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        self.info(f"eval @ step {step}: {shown}")
+        if self.wandb_run is not None:
+            self.wandb_run.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+        if self.tensorboard is not None:
+            for key, value in metrics.items():
+                self.tensorboard.add_scalar(f"eval/{key}", value, step)
+
+    def progress(self, step: int, total: int, metrics: dict) -> None:
+        if self.progress_line is not None:
+            self.progress_line.update(step, total, metrics)
+
+    def info(self, message: str) -> None:
+        sys.stderr.write(f"[trainer] {message}\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def _start_wandb(cfg: LoggerConfig, run_dir: str, run_name: str, config_dict: dict) -> Any:
+    """A W&B run whose id is kept in the run dir, so a resumed or requeued run continues the same W&B run."""
+    if cfg.wandb.mode == "disabled":
+        return None
+    import wandb
+
+    id_path = os.path.join(run_dir, WANDB_ID_FILE)
+    run_id = open(id_path).read().strip() if os.path.exists(id_path) else wandb.util.generate_id()
+    with open(id_path, "w") as fh:
+        fh.write(run_id)
+    # The key is read by wandb from WANDB_API_KEY itself; it is never passed through our config or logs.
+    return wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.wandb.group,
+                      tags=list(cfg.wandb.tags), name=run_name, id=run_id, resume="allow", mode=cfg.wandb.mode,
+                      dir=run_dir, config=config_dict)
+
+
+def _start_tensorboard(run_dir: str) -> Any:
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+
+def build_logger(cfg: LoggerConfig, run_dir: str, run_name: str, config_dict: dict, is_main: bool):
+    return RunLogger(cfg, run_dir, run_name, config_dict) if is_main else NullLogger()

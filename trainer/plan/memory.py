@@ -1,0 +1,334 @@
+"""Per-GPU and host memory of one training setup: weights, master weights, gradients, optimizer state, the FSDP/ZeRO-3
+working set, activations, logits and a margin. Pure Python; see docs/memory-planning.md for the derivations.
+
+Bytes per trainable parameter (T trainable, N = world size; the optimizer's ``o`` is 8 for AdamW, 2 for 8-bit AdamW,
+4 for SGD with momentum):
+
+```
+                weights (16-bit)   master (fp32)   gradients   optimizer
+single / ddp    2 (autocast copy)  4               4 (fp32)    o
+fsdp (FSDP2)    - (gathered)       4/N             4/N         o/N     fp32 sharded params, bf16 compute, fp32 reduce
+zero1           2                  4/N             2           o/N     DeepSpeed bf16: fp32 master + states sharded
+zero2           2                  4/N             2/N         o/N
+zero3           2/N                4/N             2/N         o/N
+zero3_offload   host 2/N           host 4/N        host 4/N    host o/N   (optimizer step on the CPU, fp32 grads)
+fp32 training   4 (no master)                      4           o       sharded the same way
+```
+
+Frozen weights (PEFT bases) keep their storage format: the compute dtype, or int8/nf4/fp4 for the decoder-layer
+linear weights (``frozen_weight_bytes``), replicated under single/ddp/zero1/zero2 and sharded under fsdp/zero3.
+
+FSDP2 and ZeRO-3 gather parameters one unit at a time (units: the embedding, each decoder layer, final norm with
+lm_head) and prefetch the next, so the working set is the two largest units' 16-bit weights plus the largest unit's
+unsharded 16-bit gradient before its reduce-scatter.
+
+Margin: ``margin_fraction`` (10%) of everything above for allocator fragmentation and short-lived buffers (DeepSpeed
+buckets, the fp32 gradient partition at the step, backward's gradient tensors), plus ``margin_bytes`` (1 GiB) for
+the CUDA context, cuBLAS workspaces and NCCL buffers that PyTorch's allocator does not see.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from trainer.plan.activations import (
+    ATTENTION_IMPLEMENTATIONS,
+    ActivationSetting,
+    effective_attention,
+    logits_bytes,
+    model_activation_bytes,
+)
+from trainer.plan.params import LinearModule, ParamCount, count_parameters
+from trainer.plan.trainable import TrainableCount, count_trainable, normalise_method
+
+GIB = 1024**3
+PRECISIONS = {"bf16-mixed": 2, "fp16-mixed": 2, "fp32": 4}  # training precision -> compute bytes
+FLOAT_WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+QUANTIZED_WEIGHTS = ("int8", "nf4", "fp4")
+WEIGHT_PRECISIONS = (*FLOAT_WEIGHT_BYTES, *QUANTIZED_WEIGHTS)
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw": 8, "paged_adamw_8bit": 2, "sgd": 4}
+STRATEGIES = ("single", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload")
+SHARDED_PARAM_STRATEGIES = ("fsdp", "zero3", "zero3_offload")
+NF4_BLOCK = 64  # bitsandbytes 4-bit: one absmax per 64 weights
+NF4_DOUBLE_QUANT_BLOCK = 256  # double quantisation: 8-bit absmax, one fp32 scale per 256 absmax values
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """One training setup to plan for. ``arch`` holds the Hugging Face config fields (see conf/model/*.yaml)."""
+
+    arch: Mapping[str, Any]
+    peft_method: str = "none"  # none (full fine-tune; "full" accepted) | lora | dora | qlora | ia3 | prompt/prefix
+    lora_r: int = 16
+    target_modules: str | tuple[str, ...] | None = None  # None: all-linear (lora family), peft's defaults (ia3)
+    num_virtual_tokens: int = 20
+    weight_precision: str | None = None  # frozen base storage; None: nf4 for qlora, else the compute dtype
+    double_quant: bool = True
+    precision: str = "bf16-mixed"  # bf16-mixed | fp16-mixed | fp32
+    optimizer: str = "adamw"
+    strategy: str = "single"
+    nodes: int = 1
+    gpus_per_node: int = 1
+    micro_batch_size: int = 1
+    seq_len: int = 2048
+    gradient_checkpointing: bool = True
+    attention: str = "sdpa"  # eager | sdpa | flash
+    margin_fraction: float = 0.10
+    margin_bytes: int = GIB
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "peft_method", normalise_method(self.peft_method))
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("optimizer", self.optimizer, OPTIMIZER_STATE_BYTES)
+        _check_choice("strategy", self.strategy, STRATEGIES)
+        _check_choice("attention", self.attention, ATTENTION_IMPLEMENTATIONS)
+        if self.weight_precision is not None:
+            _check_choice("weight_precision", self.weight_precision, WEIGHT_PRECISIONS)
+        for key in ("lora_r", "num_virtual_tokens", "nodes", "gpus_per_node", "micro_batch_size", "seq_len"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        if not 0 <= self.margin_fraction < 1 or self.margin_bytes < 0:
+            raise ValueError("margin_fraction must be in [0, 1) and margin_bytes >= 0")
+        weights = self.resolved_weight_precision
+        if self.peft_method == "qlora" and weights not in ("nf4", "fp4"):
+            raise ValueError(f"peft_method=qlora needs weight_precision nf4 or fp4, got {weights}")
+        if self.peft_method == "none" and weights in QUANTIZED_WEIGHTS:
+            raise ValueError(f"full fine-tuning cannot train {weights} weights; use a PEFT method (e.g. qlora)")
+        if self.strategy == "single" and self.world_size > 1:
+            raise ValueError(f"strategy=single runs on one GPU but nodes x gpus_per_node = {self.world_size}")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def compute_bytes(self) -> int:
+        return PRECISIONS[self.precision]
+
+    @property
+    def resolved_weight_precision(self) -> str:
+        if self.weight_precision is not None:
+            return self.weight_precision
+        if self.peft_method == "qlora":
+            return "nf4"
+        return {"bf16-mixed": "bf16", "fp16-mixed": "fp16", "fp32": "fp32"}[self.precision]
+
+    def replace(self, **changes: Any) -> PlanInputs:
+        return dataclasses.replace(self, **changes)
+
+
+def _check_choice(key: str, value: Any, choices: Mapping[str, Any] | tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per GPU (and per rank on the host, for offload) of one setup. ``total`` is what must fit the GPU."""
+
+    inputs: PlanInputs
+    params: ParamCount
+    trainable: TrainableCount
+    weights: int  # model weights as the forward reads them (16-bit copies, frozen bases), persistent share
+    master_weights: int  # fp32 copies mixed precision keeps of trainable weights
+    gradients: int
+    optimizer: int
+    gathered: int  # FSDP/ZeRO-3 working set: unsharded weights and gradients of the live units
+    activations: int
+    logits: int
+    margin: int
+    host_weights: int = 0
+    host_master_weights: int = 0
+    host_gradients: int = 0
+    host_optimizer: int = 0
+    notes: tuple[str, ...] = ()
+
+    GPU_FIELDS = ("weights", "master_weights", "gradients", "optimizer", "gathered", "activations", "logits", "margin")
+    HOST_FIELDS = ("host_weights", "host_master_weights", "host_gradients", "host_optimizer")
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, name) for name in self.GPU_FIELDS)
+
+    @property
+    def host_total_per_rank(self) -> int:
+        return sum(getattr(self, name) for name in self.HOST_FIELDS)
+
+    @property
+    def host_total_per_node(self) -> int:
+        return self.host_total_per_rank * self.inputs.gpus_per_node
+
+    def gpu_breakdown(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.GPU_FIELDS} | {"total": self.total}
+
+    def host_breakdown(self) -> dict[str, int]:
+        return {name.removeprefix("host_"): getattr(self, name) for name in self.HOST_FIELDS} | {
+            "total_per_rank": self.host_total_per_rank,
+            "total_per_node": self.host_total_per_node,
+        }
+
+    def fits(self, gpu_memory_gib: float) -> bool:
+        return self.total <= gpu_memory_gib * GIB
+
+
+def quantized_linear_bytes(module: LinearModule, precision: str, double_quant: bool = True) -> int:
+    """Storage of one layer's copy of a bitsandbytes-quantised linear weight (bias excluded: it stays 16-bit).
+
+    nf4/fp4: 0.5 byte per weight plus one absmax per 64 weights: fp32 (4 bytes), or with double quantisation an
+    8-bit absmax plus one fp32 scale per 256 absmax values and one fp32 offset. int8 (LLM.int8): 1 byte per weight
+    plus one fp32 scale per output row.
+    """
+    numel = module.in_features * module.out_features
+    if precision == "int8":
+        return module.copies * (numel + 4 * module.out_features)
+    blocks = math.ceil(numel / NF4_BLOCK)
+    absmax = blocks + 4 * math.ceil(blocks / NF4_DOUBLE_QUANT_BLOCK) + 4 if double_quant else 4 * blocks
+    return module.copies * (math.ceil(numel / 2) + absmax)
+
+
+def frozen_weight_bytes(params: ParamCount, weight_precision: str, compute_bytes: int, double_quant: bool = True) -> int:
+    """Bytes of the whole model stored as a frozen base: float formats throughout, or quantised decoder linears
+    with everything else (embeddings, norms, lm_head, biases, routers, MoE experts) in the compute dtype."""
+    if weight_precision in FLOAT_WEIGHT_BYTES:
+        return params.total * FLOAT_WEIGHT_BYTES[weight_precision]
+    quantized = params.num_layers * sum(
+        quantized_linear_bytes(m, weight_precision, double_quant) for m in params.linear_modules if m.quantizable
+    )
+    return quantized + (params.total - params.quantizable) * compute_bytes
+
+
+def _unit_weight_bytes(params: ParamCount, inputs: PlanInputs, trainable: TrainableCount) -> list[int]:
+    """16-bit (or quantised) bytes of each FSDP/ZeRO-3 unit as it is gathered for compute."""
+    c = inputs.compute_bytes
+    if trainable.is_full:
+        return [c * unit for unit in params.fsdp_units()]
+    one_layer = dataclasses.replace(params, num_layers=1, embedding=0, lm_head=0, final_norm=0)
+    layer = frozen_weight_bytes(one_layer, inputs.resolved_weight_precision, c, inputs.double_quant)
+    layer += c * _adapter_params_per_layer(params, trainable)
+    return [c * params.embedding, *([layer] * params.num_layers), c * (params.final_norm + params.lm_head)]
+
+
+def _gathered_bytes(params: ParamCount, inputs: PlanInputs, trainable: TrainableCount) -> int:
+    units = sorted(_unit_weight_bytes(params, inputs, trainable), reverse=True)
+    if trainable.is_full:
+        largest_grad = inputs.compute_bytes * max(params.fsdp_units())
+    else:
+        largest_grad = inputs.compute_bytes * _adapter_params_per_layer(params, trainable)
+    return sum(units[:2]) + largest_grad
+
+
+def _adapter_params_per_layer(params: ParamCount, trainable: TrainableCount) -> int:
+    """Adapters and IA3 vectors live in the decoder layers; prompt/prefix embeddings live outside them."""
+    return trainable.total // params.num_layers if trainable.targeted else 0
+
+
+def _check_combination(inputs: PlanInputs) -> None:
+    """Reject setups the backends cannot run, naming the key to change."""
+    if inputs.strategy == "zero3_offload" and inputs.optimizer != "adamw":
+        raise ValueError(
+            f"optimizer={inputs.optimizer} cannot be offloaded: ZeRO offload runs DeepSpeed's CPU Adam; use adamw"
+        )
+    if inputs.resolved_weight_precision == "int8" and inputs.strategy in SHARDED_PARAM_STRATEGIES:
+        raise ValueError(f"strategy={inputs.strategy} cannot shard bitsandbytes int8 weights; use nf4 or zero2")
+
+
+def estimate_memory(inputs: PlanInputs) -> MemoryEstimate:
+    """Estimate per-GPU and host memory for ``inputs`` (formulas: module docstring and activations.py)."""
+    _check_combination(inputs)
+    params = count_parameters(inputs.arch)
+    trainable = count_trainable(
+        params,
+        inputs.peft_method,
+        r=inputs.lora_r,
+        target_modules=inputs.target_modules,
+        num_virtual_tokens=inputs.num_virtual_tokens,
+    )
+    n, c, strategy = inputs.world_size, inputs.compute_bytes, inputs.strategy
+    mixed = inputs.precision != "fp32"
+    notes = list(params.notes)
+    if trainable.unmatched:
+        notes.append(f"target_modules not found in {params.model_type}: {', '.join(trainable.unmatched)}")
+
+    frozen = 0 if trainable.is_full else frozen_weight_bytes(
+        params, inputs.resolved_weight_precision, c, inputs.double_quant
+    )
+    t = trainable.total
+    copy_bytes, master_bytes = (2, 4) if mixed else (4, 0)
+    grad_bytes = 4 if strategy in ("single", "ddp", "fsdp") or not mixed else 2
+    opt = OPTIMIZER_STATE_BYTES[inputs.optimizer] * t
+    shard_params = strategy in SHARDED_PARAM_STRATEGIES
+    shard_grads = strategy in ("fsdp", "zero2", "zero3", "zero3_offload")
+    shard_states = strategy != "single" and strategy != "ddp"
+
+    # The persistent copy of the trainable weights the forward reads. FSDP2 in mixed precision keeps only the fp32
+    # shards (counted as master weights) and casts to bf16 when it gathers a unit.
+    if strategy == "fsdp":
+        trainable_copy = 0 if mixed else copy_bytes * t / n
+    elif strategy in ("zero3", "zero3_offload"):
+        trainable_copy = copy_bytes * t / n
+    else:
+        trainable_copy = copy_bytes * t
+    weights = frozen / (n if shard_params else 1) + trainable_copy
+    master = master_bytes * t / (n if shard_states else 1)
+    gradients = grad_bytes * t / (n if shard_grads else 1)
+    optimizer = opt / (n if shard_states else 1)
+    host = {"weights": 0.0, "master": 0.0, "gradients": 0.0, "optimizer": 0.0}
+    if strategy == "zero3_offload":
+        # DeepSpeed keeps each rank's partition of the 16-bit params, fp32 master, fp32 grads and Adam states on
+        # the host; the GPU holds only the gathered working set.
+        host = {"weights": weights, "master": master, "gradients": 4 * t / n, "optimizer": optimizer}
+        weights = master = gradients = optimizer = 0.0
+    gathered = _gathered_bytes(params, inputs, trainable) if shard_params else 0
+
+    seq_len = inputs.seq_len + (inputs.num_virtual_tokens if trainable.method == "prompt_tuning" else 0)
+    setting = ActivationSetting(c, inputs.attention, autocast=mixed and strategy in ("single", "ddp"))
+    if effective_attention(params, inputs.attention) != inputs.attention:
+        notes.append("transformers has no SDPA for gemma2: counted eager attention (set attention=flash to avoid)")
+    activations = model_activation_bytes(
+        params, trainable, seq_len, inputs.micro_batch_size, setting, inputs.gradient_checkpointing
+    )
+    logits = logits_bytes(params, seq_len, inputs.micro_batch_size, setting)
+    notes.extend(_setup_notes(inputs, trainable))
+
+    subtotal = weights + master + gradients + optimizer + gathered + activations + logits
+    margin = inputs.margin_fraction * subtotal + inputs.margin_bytes
+    return MemoryEstimate(
+        inputs=inputs,
+        params=params,
+        trainable=trainable,
+        weights=round(weights),
+        master_weights=round(master),
+        gradients=round(gradients),
+        optimizer=round(optimizer),
+        gathered=round(gathered),
+        activations=activations,
+        logits=logits,
+        margin=round(margin),
+        host_weights=round(host["weights"]),
+        host_master_weights=round(host["master"]),
+        host_gradients=round(host["gradients"]),
+        host_optimizer=round(host["optimizer"]),
+        notes=tuple(notes),
+    )
+
+
+def _setup_notes(inputs: PlanInputs, trainable: TrainableCount) -> list[str]:
+    notes = []
+    if inputs.optimizer.startswith("paged_"):
+        notes.append("paged optimizer: its state can page out to host memory under pressure; counted on the GPU")
+    if inputs.strategy == "ddp":
+        notes.append("ddp assumes gradient_as_bucket_view=True; otherwise add one more copy of the gradients")
+    if trainable.method == "dora":
+        notes.append("DoRA's extra activations (weight-norm terms) are not modelled; expect more than LoRA")
+    if trainable.method == "prefix_tuning":
+        notes.append("prefix tuning lengthens every layer's keys and values by num_virtual_tokens (not counted)")
+    if inputs.precision == "fp16-mixed" and not trainable.is_full:
+        notes.append("fp16-mixed: keep trainable adapters in fp32 for the loss scaler")
+    return notes
