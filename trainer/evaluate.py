@@ -48,11 +48,11 @@ def evaluate_loss(model, rows: list[EncodedSample], strategy, batch_size: int, p
         for batch_rows in batches:
             padding_batch = not batch_rows  # a rank with nothing left still runs a forward, keeping ranks in lockstep
             batch_rows = batch_rows or rows[:1]
-            batch = {k: v.to(strategy.device) for k, v in collate(batch_rows, pad_id).items()}
+            batch = collate(batch_rows, pad_id).to(strategy.device)
             with strategy.autocast():
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                logits = model(**batch.inputs).logits
             if not padding_batch:
-                loss_sum += float(token_loss_sum(logits, batch["labels"]))
+                loss_sum += float(token_loss_sum(logits, batch.labels))
                 num_tokens += sum(row.num_label_tokens for row in batch_rows)
     model.train(was_training)
     loss_sum = strategy.all_reduce_sum(loss_sum)

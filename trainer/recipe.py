@@ -148,12 +148,12 @@ class Recipe:
         num_tokens = 0
         for index, micro in enumerate(micro_batches):
             batch_rows = [self.data.train[i] for i in micro]
-            batch = {k: v.to(strategy.device) for k, v in collate(batch_rows, self.tokenizer.pad_token_id).items()}
-            num_tokens += int(batch["attention_mask"].sum())
+            batch = collate(batch_rows, self.tokenizer.pad_token_id).to(strategy.device)
+            num_tokens += batch.num_tokens
             with strategy.microbatch(self.model, is_last=index == len(micro_batches) - 1):
                 with strategy.autocast():
-                    logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                micro_loss_sum = token_loss_sum(logits, batch["labels"])
+                    logits = self.model(**batch.inputs).logits
+                micro_loss_sum = token_loss_sum(logits, batch.labels)
                 strategy.backward(micro_loss_sum / num_label_tokens * strategy.loss_multiplier)
             loss_sum += micro_loss_sum.detach()
         grad_norm, applied = strategy.step(self.model, self.optimizer, cfg.optim.max_grad_norm)

@@ -59,7 +59,7 @@ def test_loss_is_the_mean_over_label_tokens_of_the_global_batch(tmp_path):
         total = 0.0
         for row in rows:
             batch = collate([row], recipe.tokenizer.pad_token_id)
-            total += float(token_loss_sum(recipe.model(input_ids=batch["input_ids"]).logits, batch["labels"]))
+            total += float(token_loss_sum(recipe.model(input_ids=batch.inputs["input_ids"]).logits, batch.labels))
     expected = total / sum(row.num_label_tokens for row in rows)
     _, loss = _first_step_gradients(recipe)
     assert loss == pytest.approx(expected, rel=1e-5)

@@ -75,7 +75,19 @@ def local_microbatches(global_indices: list[int], rank: int, world_size: int, mi
             for j in range(steps)]
 
 
-def collate(rows: list[EncodedSample], pad_id: int) -> dict:
+@dataclass
+class Batch:
+    """What one forward/backward needs: the model's keyword inputs, the labels, and the real token count."""
+
+    inputs: dict  # passed as model(**inputs): input_ids, attention_mask (and position_ids when packed)
+    labels: object  # torch.LongTensor, IGNORE_INDEX where no loss is taken
+    num_tokens: int  # non-padding tokens, for throughput
+
+    def to(self, device) -> "Batch":
+        return Batch({k: v.to(device) for k, v in self.inputs.items()}, self.labels.to(device), self.num_tokens)
+
+
+def collate(rows: list[EncodedSample], pad_id: int) -> Batch:
     """Right-pad to the longest row; pads are masked out of attention and the loss."""
     import torch
 
@@ -88,4 +100,5 @@ def collate(rows: list[EncodedSample], pad_id: int) -> dict:
         input_ids[i, :n] = torch.tensor(row.input_ids)
         labels[i, :n] = torch.tensor(row.labels)
         attention_mask[i, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    return Batch({"input_ids": input_ids, "attention_mask": attention_mask}, labels,
+                 sum(len(row.input_ids) for row in rows))
