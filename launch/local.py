@@ -1,11 +1,85 @@
-"""Run a frozen config on this machine: in this process, or as torchrun workers."""
+"""Run a frozen config on this machine: in this process for one rank, else as torchrun/deepspeed workers.
+
+Workers read the frozen config from the run dir (composed once, here). If any worker fails, the job
+ends (torchrun stops the others) and this process reports the first failed worker's own error.
+"""
 
 from __future__ import annotations
 
-from trainer.config.schema import Config
+import os
+import shutil
+import subprocess
+import sys
+
+from trainer.config.schema import Config, LocalLauncherConfig
+from trainer.errors import UserError
+
+
+def worker_command(launcher: LocalLauncherConfig, run_dir: str) -> list[str]:
+    if launcher.backend == "deepspeed":
+        host, port = launcher.rdzv_endpoint.rsplit(":", 1)
+        command = [shutil.which("deepspeed") or "deepspeed", f"--num_gpus={launcher.nproc_per_node}",
+                   f"--num_nodes={launcher.nnodes}", f"--master_addr={host}", f"--master_port={port}"]
+        if launcher.hostfile:
+            command.append(f"--hostfile={launcher.hostfile}")
+        return [*command, "--module", "trainer.worker", run_dir]
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={launcher.nproc_per_node}",
+               f"--max_restarts={launcher.max_restarts}"]
+    if launcher.nnodes == 1:
+        command.append("--standalone")  # a private rendezvous on a free port: no clash between jobs
+    else:
+        command += [f"--nnodes={launcher.nnodes}", "--rdzv_backend=c10d",
+                    f"--rdzv_endpoint={launcher.rdzv_endpoint}", f"--rdzv_id={launcher.rdzv_id}"]
+    return [*command, "-m", "trainer.worker", run_dir]
+
+
+def worker_environment() -> dict:
+    env = dict(os.environ)
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if not has_cuda:
+        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator (gloo) when there is no GPU
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
 
 
 def run_local(config: Config) -> int:
-    from trainer.recipe import run_training
+    from trainer.worker import STATUS_DIR, read_failures
 
-    return run_training(config)
+    launcher = config.launcher
+    if launcher.world_size == 1 and launcher.backend == "torchrun":
+        from trainer.recipe import run_training
+
+        return run_training(config)
+    shutil.rmtree(os.path.join(config.run.dir, STATUS_DIR), ignore_errors=True)
+    command = worker_command(launcher, config.run.dir)
+    sys.stderr.write(f"[trainer] launching {launcher.world_size} workers: {' '.join(command)}\n")
+    result = subprocess.run(command, env=worker_environment())
+    if result.returncode == 0:
+        return 0
+    failures = read_failures(config.run.dir)
+    silent = sorted(set(range(launcher.nproc_per_node * launcher.node_rank,
+                              launcher.nproc_per_node * (launcher.node_rank + 1))) - {f["rank"] for f in failures})
+    if failures and silent:
+        # A rank that vanished without a word (SIGKILL, out-of-memory killer) is the root cause; the others
+        # only saw their peer disappear.
+        raise WorkerFailed(result.returncode, f"worker rank {silent[0]} was killed or crashed without reporting "
+                           f"(e.g. a signal or the out-of-memory killer); rank {failures[0]['rank']} then failed: "
+                           f"{failures[0]['message']}")
+    if failures:
+        first = failures[0]
+        raise WorkerFailed(first["exit_code"], f"worker rank {first['rank']} failed: {first['message']}")
+    raise WorkerFailed(result.returncode, f"workers exited with code {result.returncode} (a rank was killed or "
+                       "crashed before it could report; see the output above)")
+
+
+class WorkerFailed(UserError):
+    """A worker's failure, reported as that worker's message and exit code."""
+
+    def __init__(self, exit_code: int, message: str):
+        super().__init__(message)
+        self.exit_code = exit_code

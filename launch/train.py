@@ -1,4 +1,4 @@
-"""`trainer train`: compose with Hydra, validate, freeze into the run dir, then run here."""
+"""`trainer train`: compose with Hydra, validate, freeze into the run dir, then run here or submit to Slurm."""
 
 from __future__ import annotations
 
@@ -10,13 +10,32 @@ from trainer.errors import EXIT_USER_ERROR, UserError
 
 
 def _task(cfg) -> int:
-    from launch.local import run_local
+    from launch.auto_strategy import resolve_auto_strategy
+    from launch.run import launch_run
+    from launch.sweep import needs_result, prepare_point, record_point
     from trainer.config.frozen import save_frozen
     from trainer.config.validate import to_config
 
+    point = prepare_point(cfg)  # in a sweep: the point's own run dir (the sweep subdir), the sweep's W&B group
+    cfg.run.dir = os.path.abspath(cfg.run.dir)  # the frozen config names its own dir wherever the job runs
     config = to_config(cfg)
+    config = resolve_auto_strategy(config)  # strategy=auto -> a concrete strategy, frozen as such (else unchanged)
     save_frozen(config, config.run.dir)
-    return run_local(config)
+    if point is not None:
+        record_point(config.run.dir, point)
+    return launch_run(config, wait=needs_result(point))
+
+
+def _sweep_result(cfg):
+    """What a sweeper sees of this point: the run.objective metric (Optuna optimises it); None outside sweeps."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    from launch.sweep import objective_value
+
+    return objective_value(cfg.run.dir, cfg.run.objective)
 
 
 def _remove_if_empty(path: str) -> None:
@@ -34,7 +53,7 @@ def main(argv: list[str]) -> int:
     exit_code = 0
 
     @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
-    def entry(cfg) -> None:
+    def entry(cfg) -> float | None:
         nonlocal exit_code
         try:
             exit_code = _task(cfg) or exit_code
@@ -42,7 +61,8 @@ def main(argv: list[str]) -> int:
             _remove_if_empty(HydraConfig.get().runtime.output_dir)  # Hydra made it before we could validate
             # Raised past Hydra's job runner as SystemExit so it adds no "Error executing job" banner.
             sys.stderr.write(f"trainer: {err}\n")
-            raise SystemExit(EXIT_USER_ERROR) from None
+            raise SystemExit(getattr(err, "exit_code", EXIT_USER_ERROR)) from None
+        return _sweep_result(cfg)
 
     saved_argv = sys.argv
     sys.argv = ["trainer train", *argv]

@@ -6,11 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# Tokenised-data cache for the tests' runs: shared within one test session, never the user's ~/.cache.
+os.environ.setdefault("TRAINER_CACHE_DIR", tempfile.mkdtemp(prefix="trainer-test-cache-"))
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 

@@ -1,10 +1,13 @@
 """Crash-safe checkpoints: step folders, a commit marker written last, keep-last-k, discovery for resume.
 
-A checkpoint is `checkpoints/step-NNNNNN/` holding the model (trainable weights only under PEFT) and
-optimizer through torch.distributed.checkpoint (DCP: sharded, resharding-capable, no pickles), the
-trainer state as JSON, every rank's RNG state as JSON, and `COMMITTED`, written last, atomically, by
-rank 0 after every rank has finished. `COMMITTED` lists each file's size, so a truncated or missing
-shard is detected at resume. Old checkpoints are deleted only after a new one is committed.
+A checkpoint is `checkpoints/step-NNNNNN/` holding the model (trainable weights only under PEFT) and optimizer
+(`state/`: torch.distributed.checkpoint shards, or DeepSpeed's own files for ZeRO), `trainer_state.json` (step,
+tokens, sampler position, LR scheduler, fp16 loss scaler, W&B run id, world size) and every rank's RNG state as
+JSON. It counts only once `COMMITTED` exists: written last, atomically (write, fsync, rename, fsync the dir), by
+rank 0 after every rank has finished writing (and, with `async_save`, after every rank's background write has
+finished). `COMMITTED` lists each file's size and crc32, so a truncated, missing or corrupted file is detected
+at resume, which then falls back to the previous committed checkpoint with a warning. Old checkpoints are
+deleted only after a new one is committed, marker first, so a half-deleted one never looks whole.
 """
 
 from __future__ import annotations
@@ -13,13 +16,17 @@ import json
 import os
 import random
 import shutil
-import warnings
+import sys
+import time
+import zlib
 from dataclasses import asdict
 
 from trainer.errors import UserError
 
 MARKER = "COMMITTED"
 STATE_FILE = "trainer_state.json"
+MANIFEST_PREFIX = "manifest-rank"  # each rank's share of sizes and checksums, merged into COMMITTED
+_CHUNK = 8 * 1024 * 1024
 
 
 def _fsync_dir(path: str) -> None:
@@ -44,25 +51,40 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def _files_with_sizes(directory: str) -> dict[str, int]:
-    sizes = {}
-    for root, _, files in os.walk(directory):
-        for name in files:
-            full = os.path.join(root, name)
-            rel = os.path.relpath(full, directory)
-            if rel != MARKER:
-                sizes[rel] = os.path.getsize(full)
-    return sizes
+def file_crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
-def verify_checkpoint(directory: str) -> str | None:
-    """None if the checkpoint is committed and whole; else why it cannot be used."""
+def checkpoint_files(directory: str) -> list[str]:
+    """The files that make up a checkpoint, relative and sorted (the marker and per-rank manifests excluded)."""
+    files = []
+    for root, _, names in os.walk(directory):
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), directory)
+            if rel != MARKER and not name.startswith(MANIFEST_PREFIX) and ".tmp." not in name:
+                files.append(rel)
+    return sorted(files)
+
+
+def _my_share(files: list[str], rank: int, world_size: int) -> list[str]:
+    """Files are checksummed in parallel: rank r takes every world_size-th one."""
+    return [rel for i, rel in enumerate(files) if i % world_size == rank]
+
+
+def verify_checkpoint(directory: str, checksums: bool = True, rank: int = 0, world_size: int = 1) -> str | None:
+    """None if the checkpoint is committed and whole; else why it cannot be used. Sizes are checked for every
+    file; checksums (when recorded and asked for) only for this rank's share of the files."""
     marker = os.path.join(directory, MARKER)
     if not os.path.isfile(marker):
         return "not committed (no COMMITTED marker: the save did not finish)"
     try:
         with open(marker) as fh:
-            expected = json.load(fh)["files"]
+            committed = json.load(fh)
+        expected, crcs = committed["files"], committed.get("crc32", {})
     except (OSError, ValueError, KeyError):
         return "its COMMITTED marker is unreadable"
     for rel, size in expected.items():
@@ -71,6 +93,10 @@ def verify_checkpoint(directory: str) -> str | None:
             return f"missing file {rel}"
         if os.path.getsize(path) != size:
             return f"{rel} has {os.path.getsize(path)} bytes, expected {size} (truncated or damaged)"
+    if checksums:
+        for rel in _my_share(sorted(crcs), rank, world_size):
+            if file_crc32(os.path.join(directory, rel)) != crcs[rel]:
+                return f"{rel} fails its crc32 check (its content changed after the commit)"
     return None
 
 
@@ -82,10 +108,15 @@ def list_checkpoints(run_dir: str) -> list[str]:
     return [os.path.join(root, n) for n in names]
 
 
-def find_resumable(run_dir: str, warn=print) -> str | None:
-    """The newest committed, intact checkpoint; damaged or uncommitted ones are skipped with a warning."""
+def find_resumable(run_dir: str, warn=print, rank: int = 0, world_size: int = 1, agree=None) -> str | None:
+    """The newest committed, intact checkpoint; damaged or uncommitted ones are skipped with a warning.
+
+    With several ranks each checks its share of the checksums and `agree` (an all-reduce max) makes every rank
+    reject a checkpoint that any rank found damaged, so all ranks pick the same one."""
     for directory in reversed(list_checkpoints(run_dir)):
-        problem = verify_checkpoint(directory)
+        problem = verify_checkpoint(directory, rank=rank, world_size=world_size)
+        if agree is not None and agree(1.0 if problem else 0.0) > 0 and problem is None:
+            problem = "a file failed its checksum on another rank"
         if problem is None:
             return directory
         warn(f"skipping checkpoint {directory}: {problem}")
@@ -120,104 +151,243 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
+def _wandb_run_id(run_dir: str) -> str | None:
+    from trainer.log import WANDB_ID_FILE
+
+    path = os.path.join(run_dir, WANDB_ID_FILE)
+    return open(path).read().strip() if os.path.exists(path) else None
+
+
 class CheckpointManager:
-    def __init__(self, run_dir: str, cfg, strategy):
+    """Saves, commits, prunes and restores checkpoints. Every public method is collective: call it on all ranks."""
+
+    def __init__(self, run_dir: str, cfg, strategy, log=print):
         self.run_dir = run_dir
         self.cfg = cfg
         self.strategy = strategy
+        self.log = log
+        self.async_save = bool(getattr(cfg, "async_save", False)) and getattr(strategy, "supports_async_save", True)
+        if getattr(cfg, "async_save", False) and not self.async_save:
+            log(f"checkpoint.async_save is ignored: {type(strategy).__name__} writes its checkpoints synchronously")
+        self._pending: tuple[str, int, object] | None = None  # (directory, step, future) of a background write
+        self._last_save = time.monotonic()
+        self._timing = (0.0, 0.0)  # (start, seconds training waited) of the save being committed
+
+    # ------------------------------------------------------------------------------------------ saving
+    def due(self, step: int) -> bool:
+        """Whether to save after `step`: every_n_steps, or every_n_minutes by rank 0's clock (broadcast, so all
+        ranks agree even when their clocks or step times differ)."""
+        by_steps = self.cfg.every_n_steps > 0 and step % self.cfg.every_n_steps == 0
+        minutes = getattr(self.cfg, "every_n_minutes", 0)
+        if minutes <= 0:
+            return by_steps
+        late = self.strategy.is_main and time.monotonic() - self._last_save >= minutes * 60
+        return self.strategy.all_reduce_max(1.0 if late else 0.0) > 0 or by_steps
 
     def save(self, recipe) -> str:
-        """Every rank writes its shards; rank 0 commits after a barrier, then prunes old checkpoints."""
-        import torch.distributed.checkpoint as dcp
-
-        directory = os.path.join(self.run_dir, "checkpoints", step_dir_name(recipe.state.step))
+        """Every rank writes its shards; the commit follows once every rank is done (now, or for an async save
+        at a later step boundary: `poll`/`finish`)."""
+        self.finish()  # one save in flight at most, committed in step order
+        started = time.perf_counter()
+        step = recipe.state.step
+        directory = os.path.join(self.run_dir, "checkpoints", step_dir_name(step))
         if self.strategy.is_main and os.path.exists(directory):
-            shutil.rmtree(directory)  # an uncommitted leftover of a crashed save at this step
+            shutil.rmtree(directory)  # a leftover of a save that crashed at this step (or of an abandoned timeline)
         self.strategy.barrier()
         os.makedirs(directory, exist_ok=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # DCP warns that it runs without a process group on one rank
-            dcp.save(self._model_and_optimizer_state(recipe), checkpoint_id=os.path.join(directory, "state"))
+        future = self.strategy.save_state(recipe.model, recipe.optimizer, os.path.join(directory, "state"),
+                                          async_save=self.async_save)
         with open(os.path.join(directory, f"rng-rank{self.strategy.rank:05d}.json"), "w") as fh:
             json.dump(_rng_state(), fh)
         if self.strategy.is_main:
-            write_json_atomically(os.path.join(directory, STATE_FILE), {
-                "trainer": asdict(recipe.state),
-                "sampler": recipe.sampler.state_dict(),
-                "scheduler": recipe.scheduler.state_dict(),
-                "world_size": self.strategy.world_size,
-            })
-        self.strategy.barrier()
-        if self.strategy.is_main:
-            write_json_atomically(os.path.join(directory, MARKER),
-                                  {"step": recipe.state.step, "files": _files_with_sizes(directory)})
-            self._prune()
-        self.strategy.barrier()
+            write_json_atomically(os.path.join(directory, STATE_FILE), self._trainer_state(recipe))
+        self._last_save = time.monotonic()
+        self._timing = (started, time.perf_counter() - started)
+        if future is None:
+            self._commit(directory, step)
+        else:
+            self._pending = (directory, step, future)
         return directory
 
-    def _model_and_optimizer_state(self, recipe) -> dict:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    def _trainer_state(self, recipe) -> dict:
+        return {
+            "trainer": asdict(recipe.state),
+            "sampler": recipe.sampler.state_dict(),
+            "scheduler": recipe.scheduler.state_dict(),
+            "grad_scaler": self.strategy.scaler_state_dict(),
+            "wandb_run_id": _wandb_run_id(self.run_dir),
+            "world_size": self.strategy.world_size,
+            "format": self.strategy.checkpoint_format,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
 
-        options = StateDictOptions(ignore_frozen_params=True)
-        model_state, optim_state = get_state_dict(recipe.model, recipe.optimizer, options=options)
-        return {"model": model_state, "optimizer": optim_state}
-
-    def _prune(self) -> None:
-        if not self.cfg.keep_last:
+    def poll(self) -> None:
+        """At a step boundary: commit a background save once every rank's write has finished (never blocks)."""
+        if self._pending is None:
             return
-        committed = [d for d in list_checkpoints(self.run_dir) if os.path.isfile(os.path.join(d, MARKER))]
-        for directory in committed[:-self.cfg.keep_last]:
+        still_writing = not self._pending[2].done()
+        if self.strategy.all_reduce_max(1.0 if still_writing else 0.0) == 0:
+            self.finish()
+
+    def finish(self) -> None:
+        """Wait for a background save (if any) and commit it: before the next save, at the end, before exiting."""
+        if self._pending is None:
+            return
+        directory, step, future = self._pending
+        self._pending = None
+        future.result()  # re-raises a failed background write: the checkpoint then stays uncommitted
+        self._commit(directory, step)
+
+    def _commit(self, directory: str, step: int) -> None:
+        """Each rank records sizes (and crc32s) of its share of the files; rank 0 merges them into COMMITTED."""
+        self.strategy.barrier()  # every rank's files are complete
+        files = checkpoint_files(directory)
+        share = {}
+        for rel in _my_share(files, self.strategy.rank, self.strategy.world_size):
+            path = os.path.join(directory, rel)
+            share[rel] = [os.path.getsize(path), file_crc32(path) if self.cfg.checksum else None]
+        write_json_atomically(os.path.join(directory, f"{MANIFEST_PREFIX}{self.strategy.rank:05d}.json"), share)
+        self.strategy.barrier()
+        if self.strategy.is_main:
+            merged = {}
+            for rank in range(self.strategy.world_size):
+                path = os.path.join(directory, f"{MANIFEST_PREFIX}{rank:05d}.json")
+                with open(path) as fh:
+                    merged.update(json.load(fh))
+                os.remove(path)
+            marker = {"step": step, "files": {rel: merged[rel][0] for rel in files}}
+            if self.cfg.checksum:
+                marker["crc32"] = {rel: merged[rel][1] for rel in files}
+            write_json_atomically(os.path.join(directory, MARKER), marker)
+            self._prune(step)
+            started, blocked = self._timing
+            total = time.perf_counter() - started
+            waited = f"; training paused {blocked:.2f} s of it (async)" if self.async_save else ""
+            self.log(f"checkpoint {os.path.basename(directory)} committed: {sum(marker['files'].values()) / 2**20:.1f} "
+                     f"MiB in {total:.2f} s{waited}")
+        self.strategy.barrier()
+
+    def _prune(self, newest: int) -> None:
+        """After committing step `newest`: keep the newest `keep_last` committed checkpoints up to it; remove
+        uncommitted debris older than it (a crashed save is never completed once a later one committed) and
+        anything newer (damaged, or another timeline's after `resume=PATH` went back: `resume=auto` must not
+        jump to it later)."""
+        def step_of(directory: str) -> int:
+            return int(os.path.basename(directory)[5:])
+
+        checkpoints = list_checkpoints(self.run_dir)
+        committed = [d for d in checkpoints if os.path.isfile(os.path.join(d, MARKER)) and step_of(d) <= newest]
+        doomed = committed[:-self.cfg.keep_last] if self.cfg.keep_last else []
+        doomed += [d for d in checkpoints if d not in committed and step_of(d) != newest]
+        for directory in doomed:
+            if step_of(directory) > newest:
+                self.log(f"removing {directory}: newer than the step just saved (damaged, or left behind by a resume "
+                         "from an earlier checkpoint)")
+            marker = os.path.join(directory, MARKER)
+            if os.path.exists(marker):
+                os.remove(marker)  # first: a crash mid-delete leaves an uncommitted dir, never a "whole" broken one
+                _fsync_dir(directory)
             shutil.rmtree(directory, ignore_errors=True)
 
+    # ---------------------------------------------------------------------------------------- resuming
     def resume(self, resume: str, recipe) -> str | None:
         """Restore from `resume` (auto/never/path); returns the checkpoint used, or None for a fresh start."""
         if resume == "never":
             return None
+        rank, world = self.strategy.rank, self.strategy.world_size
         if resume == "auto":
-            directory = find_resumable(self.run_dir, warn=recipe.logger.info)
+            directory = find_resumable(self.run_dir, warn=self._warn, rank=rank, world_size=world,
+                                       agree=self.strategy.all_reduce_max)
             if directory is None:
                 return None
         else:
             directory = resume
-            problem = verify_checkpoint(directory)
-            if problem is not None:
-                raise UserError(f"resume={directory}: cannot resume from it: {problem}")
+            problem = verify_checkpoint(directory, rank=rank, world_size=world)
+            if self.strategy.all_reduce_max(1.0 if problem else 0.0) > 0:
+                raise UserError(f"resume={directory}: cannot resume from it: "
+                                f"{problem or 'a file failed its checksum on another rank'}")
         self.load(directory, recipe)
         recipe.logger.info(f"resumed from {directory} at step {recipe.state.step}")
         return directory
 
-    def load(self, directory: str, recipe) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    def _warn(self, message: str) -> None:
+        if self.strategy.is_main:
+            self.log(message)
+        elif "another rank" not in message:
+            sys.stderr.write(f"[trainer rank {self.strategy.rank}] {message}\n")
 
+    def load(self, directory: str, recipe) -> None:
         from trainer.recipe import TrainState
 
-        state = self._model_and_optimizer_state(recipe)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dcp.load(state, checkpoint_id=os.path.join(directory, "state"))
-        set_state_dict(recipe.model, recipe.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"], options=StateDictOptions(ignore_frozen_params=True))
         with open(os.path.join(directory, STATE_FILE)) as fh:
             saved = json.load(fh)
+        self._check_compatible(directory, saved)
+        self.strategy.load_state(recipe.model, recipe.optimizer, os.path.join(directory, "state"))
         recipe.state = TrainState(**saved["trainer"])
-        recipe.sampler.load_state_dict(saved["sampler"])
+        try:
+            recipe.sampler.load_state_dict(saved["sampler"])
+        except ValueError as err:
+            raise UserError(f"cannot resume from {directory}: {err}") from None
         recipe.scheduler.load_state_dict(saved["scheduler"])
+        self.strategy.load_scaler_state_dict(saved.get("grad_scaler"))
+        saved_id, current_id = saved.get("wandb_run_id"), _wandb_run_id(self.run_dir)
+        if saved_id and current_id and saved_id != current_id:
+            recipe.logger.info(f"the checkpoint was logged to W&B run {saved_id}; this run dir logs to {current_id}")
         rng_path = os.path.join(directory, f"rng-rank{self.strategy.rank:05d}.json")
-        if os.path.exists(rng_path):
+        if os.path.exists(rng_path):  # absent for ranks beyond the saving world size: they keep their seeded streams
             with open(rng_path) as fh:
                 _set_rng_state(json.load(fh))
 
+    def _check_compatible(self, directory: str, saved: dict) -> None:
+        """Refuse, in one line, what cannot load: another checkpoint format, or ZeRO on another world size."""
+        fmt, here = saved.get("format", "dcp"), self.strategy.checkpoint_format
+        if fmt != here:
+            raise UserError(f"cannot resume from {directory}: it was written by a {fmt} strategy and this run uses a "
+                            f"{here} one; resume with the strategy that wrote it, or export it (`trainer export "
+                            f"{directory} --to hf --out DIR`) and start a new run from that model")
+        saved_world = saved.get("world_size", self.strategy.world_size)
+        if saved_world != self.strategy.world_size and not self.strategy.reshards_checkpoints:
+            raise UserError(f"cannot resume from {directory} on {self.strategy.world_size} ranks: this DeepSpeed "
+                            f"checkpoint was saved on {saved_world} and ZeRO partitions do not reshard; resume with "
+                            f"launcher.nproc_per_node x nnodes = {saved_world}, or export it (`trainer export "
+                            f"{directory} --to hf --out DIR`) and start a new run from that model")
 
-def save_pretrained_atomically(model, tokenizer, final_dir: str) -> None:
-    """Write into a temp dir, then swap it in: a crash leaves either the old final/ or the new one."""
+
+def save_final_model(strategy, model, tokenizer, final_dir: str) -> None:
+    """Write final/ through a temp dir swapped in at the end: a crash leaves the old final/ or the new one.
+
+    Full fine-tuning streams the weights tensor by tensor into safetensors shards (no rank ever holds the
+    whole model); PEFT runs save only the adapter, in PEFT's own format, loadable on the base model.
+    """
+    from trainer.adapters import is_peft_model
+    from trainer.weights import ShardedSafetensorsWriter
+
+    inner = strategy.unwrap(model)
     tmp = f"{final_dir}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    old = f"{final_dir}.old"
-    if os.path.exists(final_dir):
+    if strategy.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    if is_peft_model(inner):
+        adapter_state = {name: tensor for name, tensor in strategy.iter_full_state(model, trainable_only=True)}
+        if strategy.is_main:
+            inner.save_pretrained(tmp, state_dict=adapter_state)
+    else:
+        writer = ShardedSafetensorsWriter(tmp) if strategy.is_main else None
+        tied = bool(getattr(inner.config, "tie_word_embeddings", False))
+        for name, tensor in strategy.iter_full_state(model, trainable_only=False):
+            if writer is not None and not (tied and name == "lm_head.weight"):
+                writer.add(name, tensor)
+        if writer is not None:
+            writer.close()
+            inner.config.save_pretrained(tmp)
+            if getattr(inner, "generation_config", None) is not None:
+                inner.generation_config.save_pretrained(tmp)
+    if strategy.is_main:
+        tokenizer.save_pretrained(tmp)
+        old = f"{final_dir}.old"
+        if os.path.exists(final_dir):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final_dir, old)
+        os.replace(tmp, final_dir)
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(final_dir, old)
-    os.replace(tmp, final_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    strategy.barrier()

@@ -20,6 +20,17 @@ commands:
                         e.g. trainer train model.path=/models/llama data.path=data.jsonl peft=lora
                              trainer train --cfg job           (print the composed config)
                              trainer train -m optim.lr=1e-4,2e-4  (a sweep: one run dir per point)
+                             trainer train launcher=slurm launcher.nodes=2  (submit to Slurm; docs/slurm.md)
+  data check [OVERRIDES]
+                        load, validate and tokenise the data a run would use; print counts, lengths, packing
+  plan [OVERRIDES] [--json]
+                        per-GPU memory of the configured run and what fits where (reads config.json only)
+                        e.g. trainer plan model=llama-3.1-70b hardware.gpu_memory_gb=80 launcher.nproc_per_node=8
+  sweep summary DIR     a CSV + Markdown table of a sweep's points (overrides, status, metrics; best marked)
+  export RUN_DIR|CHECKPOINT --to hf|adapter|merged --out DIR
+                        a checkpoint (any strategy or world size) as a Hugging Face model, PEFT adapter or merged model
+  generate SOURCE [PROMPT ...] [--adapter NAME=PATH ...] [--prompts FILE]
+                        greedy answers from a model or run, switching between several adapters on one base
 
 Run `trainer <command> --help` for a command's options. Config groups and keys: README.md.
 """
@@ -32,7 +43,32 @@ def _commands() -> dict:
 
         return train_main(argv)
 
-    return {"train": train}
+    def data(argv: list[str]) -> int:
+        from launch.data_check import main as data_main
+
+        return data_main(argv)
+
+    def plan(argv: list[str]) -> int:
+        from launch.plan import main as plan_main
+
+        return plan_main(argv)
+
+    def sweep(argv: list[str]) -> int:
+        from launch.sweep import main as sweep_main
+
+        return sweep_main(argv)
+
+    def export(argv: list[str]) -> int:
+        from launch.export import main as export_main
+
+        return export_main(argv)
+
+    def generate(argv: list[str]) -> int:
+        from launch.generate import main as generate_main
+
+        return generate_main(argv)
+
+    return {"train": train, "data": data, "plan": plan, "sweep": sweep, "export": export, "generate": generate}
 
 
 def main(argv: list[str] | None = None) -> int:

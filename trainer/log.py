@@ -125,13 +125,21 @@ def _start_wandb(cfg: LoggerConfig, run_dir: str, run_name: str, config_dict: di
     import wandb
 
     id_path = os.path.join(run_dir, WANDB_ID_FILE)
-    run_id = open(id_path).read().strip() if os.path.exists(id_path) else wandb.util.generate_id()
+    run_id = open(id_path).read().strip() if os.path.exists(id_path) else _new_wandb_id()
     with open(id_path, "w") as fh:
         fh.write(run_id)
     # The key is read by wandb from WANDB_API_KEY itself; it is never passed through our config or logs.
     return wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.wandb.group,
                       tags=list(cfg.wandb.tags), name=run_name, id=run_id, resume="allow", mode=cfg.wandb.mode,
                       dir=run_dir, config=config_dict)
+
+
+def _new_wandb_id() -> str:
+    """Eight lowercase letters and digits, like W&B's own ids (wandb 0.31 no longer has wandb.util.generate_id)."""
+    import secrets
+    import string
+
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
 def _start_tensorboard(run_dir: str) -> Any:

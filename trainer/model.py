@@ -49,12 +49,21 @@ def load_model_config(cfg: ModelConfig):
     return AutoConfig.for_model(model_type, **arch)
 
 
-def load_model(cfg: ModelConfig, dtype):
-    """The model in `dtype`, on CPU; random weights when `model.init=random` (pre-training from scratch)."""
+def load_model(cfg: ModelConfig, dtype, on_meta: bool = False):
+    """The model in `dtype`, on CPU; random weights when `model.init=random` (pre-training from scratch).
+
+    `on_meta=True` builds the architecture without allocating weights (parameters on the meta device,
+    buffers such as rotary frequencies real), for ranks that receive their shard from rank 0 instead.
+    """
     from transformers import AutoModelForCausalLM
 
     common = {"attn_implementation": cfg.attn_implementation, "trust_remote_code": cfg.trust_remote_code}
-    if cfg.init == "random":
+    if on_meta:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(load_model_config(cfg), dtype=dtype, **common)
+    elif cfg.init == "random":
         model = AutoModelForCausalLM.from_config(load_model_config(cfg), dtype=dtype, **common)
     else:
         if cfg.path and os.path.isdir(cfg.path) and not _has_weights(cfg.path):
@@ -67,3 +76,106 @@ def load_model(cfg: ModelConfig, dtype):
 
 def _has_weights(path: str) -> bool:
     return any(name.endswith((".safetensors", ".bin")) for name in os.listdir(path))
+
+
+def quantization_config(peft_cfg, precision: str):
+    """bitsandbytes' 4-bit config for peft=qlora (None otherwise). The compute dtype follows train.precision unless
+    set; a float quant storage (bf16) lets FSDP2/ZeRO-3 treat the packed weights as ordinary tensors."""
+    if peft_cfg.name != "qlora":
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    compute = precision if peft_cfg.compute_dtype == "auto" else peft_cfg.compute_dtype
+    storage = torch.uint8 if peft_cfg.quant_storage == "uint8" else torch_dtype(peft_cfg.quant_storage)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=peft_cfg.quant_type,
+                              bnb_4bit_use_double_quant=peft_cfg.double_quant,
+                              bnb_4bit_compute_dtype=torch_dtype(compute), bnb_4bit_quant_storage=storage)
+
+
+def load_quantized_model(cfg: ModelConfig, quantization, dtype):
+    """A pretrained checkpoint with its decoder linears quantised to 4 bits while loading (embeddings, norms and
+    lm_head stay in `dtype`). With CUDA the weights are quantised straight onto this process's current GPU, so the
+    full-precision model never has to fit there; without it bitsandbytes quantises on the CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if cfg.init == "random":
+        raise ConfigError("peft", "qlora quantises a pretrained checkpoint while loading it; model.init=random has "
+                          "none (use peft=lora to train fresh weights)")
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    # ZeRO-3 places each partition itself (transformers refuses a device_map under it).
+    on_gpu = torch.cuda.is_available() and not is_deepspeed_zero3_enabled()
+    extra = {"device_map": {"": torch.cuda.current_device()}} if on_gpu else {}
+    model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, quantization_config=quantization,
+                                                 attn_implementation=cfg.attn_implementation,
+                                                 trust_remote_code=cfg.trust_remote_code, **extra)
+    model.config.use_cache = False
+    return adapt_4bit_layers(model)
+
+
+def adapt_4bit_layers(model):
+    """Settings every 4-bit model of ours needs (training, merging, generation); returns `model`."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            # bitsandbytes' CPU inference path repacks a layer's weights in place on the first no-grad eval forward:
+            # it asserts out_features % 32 == 0 (false for e.g. 688), and the repacked storage is no longer what
+            # training, sharding and checkpoints expect. Training-time evaluation uses the regular kernel instead.
+            module.support_avx512bf16_for_cpu = False
+            module.register_state_dict_post_hook(_drop_quant_state_entries)
+    return model
+
+
+def _drop_quant_state_entries(module, state_dict, prefix, local_metadata) -> None:
+    """Keep a 4-bit layer's state dict to its parameters. bitsandbytes adds the quantisation state (absmax, code
+    book, ...) as extra entries, which no parameter or buffer receives when a strategy loads a full state dict into
+    the sharded model (FSDP2's broadcast from rank 0). Every rank quantises the same checkpoint deterministically,
+    so its own quantisation state is already right, and training only ever saves the adapters."""
+    for key in [k for k in state_dict if k.startswith(f"{prefix}weight.")]:
+        del state_dict[key]
+
+
+def build_model(model_cfg: ModelConfig, peft_cfg, precision: str, on_meta: bool = False,
+                all_in_compute_dtype: bool = False, freeze=None):
+    """Load the model, apply PEFT, then `optim.freeze` (trainer/freezing.py). Trainable weights are fp32 (the
+    optimizer's master copy; autocast or the strategy's mixed-precision policy gives bf16/fp16 compute); frozen
+    base weights under PEFT never see an update, so with bf16 they are kept in bf16 to halve their memory.
+    `all_in_compute_dtype` is for engines that keep fp32 master weights themselves (DeepSpeed): everything is built
+    in the compute dtype.
+
+    QLoRA ignores `on_meta`: every rank quantises its own copy, because a 4-bit weight's quantisation state (block
+    scales, code book) lives beside the parameter, not in it, so it cannot be broadcast as a parameter shard."""
+    import torch
+
+    from trainer.adapters import apply_peft
+    from trainer.freezing import apply_static_freezing
+
+    quantization = quantization_config(peft_cfg, precision)
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = load_quantized_model(model_cfg, quantization, quantization.bnb_4bit_compute_dtype)
+        # Freezes the base and keeps its remaining float weights (norms, embeddings, head) in fp32 for stable
+        # training; activation checkpointing stays the strategy's job.
+        model = apply_peft(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), peft_cfg)
+        if all_in_compute_dtype:
+            _cast_float_params(model, torch_dtype(precision), only_trainable=False)
+    elif all_in_compute_dtype:
+        model = apply_peft(load_model(model_cfg, torch_dtype(precision), on_meta=on_meta), peft_cfg)
+    else:
+        frozen_dtype = torch_dtype(precision) if peft_cfg.name != "none" and precision == "bf16" else torch.float32
+        model = apply_peft(load_model(model_cfg, frozen_dtype, on_meta=on_meta), peft_cfg)
+    if not all_in_compute_dtype:
+        _cast_float_params(model, torch.float32, only_trainable=True)
+    apply_static_freezing(model, freeze)
+    return model
+
+
+def _cast_float_params(model, dtype, only_trainable: bool) -> None:
+    """Cast floating-point parameters (never bitsandbytes' packed 4-bit ones) to `dtype`."""
+    for param in model.parameters():
+        if only_trainable and not param.requires_grad:
+            continue
+        if param.dtype.is_floating_point and param.dtype != dtype and type(param).__name__ != "Params4bit":
+            param.data = param.data.to(dtype)

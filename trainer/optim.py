@@ -1,7 +1,12 @@
 """Optimizer and learning-rate schedule.
 
 Weight decay never applies to norms and biases (1-D tensors): decaying a norm's gain towards zero
-shrinks activations rather than regularising.
+shrinks activations rather than regularising. With layer-wise LR decay each depth (trainer/freezing.py) gets its
+own parameter groups, whose `lr` the scheduler scales like any other group's.
+
+`optim.name` picks torch's AdamW (fused kernels on CUDA) or one of bitsandbytes' AdamW variants: 8-bit moments
+(2 bytes of state per parameter instead of 8) and/or paged state that moves to host memory under pressure instead
+of failing. bitsandbytes is imported only when one of those is asked for.
 """
 
 from __future__ import annotations
@@ -10,21 +15,45 @@ import math
 
 from trainer.config.schema import OptimConfig
 
+BITSANDBYTES_OPTIMIZERS = {
+    "adamw_8bit": "AdamW8bit",
+    "paged_adamw_8bit": "PagedAdamW8bit",
+    "paged_adamw_32bit": "PagedAdamW32bit",
+}
 
-def param_groups(model, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+
+def param_groups(model, weight_decay: float, lr: float | None = None, layer_lr_decay: float = 1.0) -> list[dict]:
+    """Trainable parameters split by (decayed or not) x depth. Frozen parameters stay out of the optimizer; those
+    that gradual unfreezing will thaw are still trainable when this runs, so they are in."""
+    from trainer.freezing import count_layers, depth
+
+    num_layers = count_layers(model) if layer_lr_decay != 1.0 else 0
+    groups: dict[tuple[bool, int], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim < 2 or name.endswith(".bias") else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [group for group in groups if group["params"]]
+        decays = not (param.ndim < 2 or name.endswith(".bias"))
+        level = depth(name, num_layers) if layer_lr_decay != 1.0 else 0
+        groups.setdefault((decays, level), []).append(param)
+    result = []
+    for (decays, level), params in sorted(groups.items(), key=lambda item: (not item[0][0], item[0][1])):
+        group = {"params": params, "weight_decay": weight_decay if decays else 0.0}
+        if layer_lr_decay != 1.0 and lr is not None:
+            group["lr"] = lr * layer_lr_decay ** (num_layers + 1 - level)
+        result.append(group)
+    return result
 
 
 def build_optimizer(model, cfg: OptimConfig):
     import torch
 
-    params = param_groups(model, cfg.weight_decay)
+    params = param_groups(model, cfg.weight_decay, cfg.lr, cfg.layer_lr_decay)
+    if cfg.name in BITSANDBYTES_OPTIMIZERS:
+        import bitsandbytes as bnb
+
+        optimizer_class = getattr(bnb.optim, BITSANDBYTES_OPTIMIZERS[cfg.name])
+        # bitsandbytes' AdamW defaults to weight_decay=0.01; every group carries its own, the default is ours too.
+        return optimizer_class(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
     on_cuda = any(p.is_cuda for group in params for p in group["params"])
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                              fused=True if on_cuda else None)

@@ -54,17 +54,19 @@ class Recipe:
         self.run_dir = config.run.dir
         os.makedirs(self.run_dir, exist_ok=True)
         seed_everything(config.seed, config.train.deterministic)
-        self.strategy = build_strategy(config.strategy, config.train)
+        self.strategy = build_strategy(config.strategy, config.train, config.optim)
         self.logger = build_logger(config.logger, self.run_dir, config.run.name, config_to_dict(config),
                                    self.strategy.is_main)
         self.tokenizer = load_tokenizer(config.model)
-        self.data = build_datasets(config.data, self.tokenizer, config.seed)
+        self.data = build_datasets(config.data, self.tokenizer, config.seed, cache_dir=config.paths.cache_dir)
+        self.logger.info(self.data.report.summary_line())
         self.accumulation_steps = self._accumulation_steps()
         self.sampler = GlobalBatchSampler(len(self.data.train), config.train.global_batch_size, config.seed,
-                                          config.data.shuffle)
+                                          config.data.shuffle, data_fingerprint=self.data.fingerprint)
         self.total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * self.sampler.steps_per_epoch))
         self.model, self.optimizer, self.scheduler = self._build_model()
         self.state = TrainState()
+        self.state_bytes: dict | None = None  # this rank's parameter/gradient/optimizer bytes after step 1
 
     def _accumulation_steps(self) -> int:
         """Derived, never configured: global batch = micro batch x ranks x accumulation."""
@@ -80,52 +82,64 @@ class Recipe:
         return train.global_batch_size // (train.micro_batch_size * world)
 
     def _build_model(self):
-        from trainer.adapters import apply_peft, parameter_report
-        from trainer.model import load_model, torch_dtype
+        from functools import partial
+
+        from trainer.adapters import parameter_report
+        from trainer.freezing import build_freezing_schedule
+        from trainer.model import build_model
         from trainer.optim import build_optimizer, build_scheduler
 
-        import torch
-
-        # Trainable weights stay fp32 (the optimizer's master copy); autocast gives bf16/fp16 compute.
-        # Frozen base weights under PEFT never see an update, so they can live in the compute dtype.
-        frozen_dtype = torch_dtype(self.config.train.precision) if self.config.peft.name != "none" else torch.float32
-        model = load_model(self.config.model, frozen_dtype if self.config.train.precision != "fp16" else torch.float32)
-        model = apply_peft(model, self.config.peft)
-        for param in model.parameters():
-            if param.requires_grad and param.dtype != torch.float32:
-                param.data = param.data.float()
-        self.logger.info(str(parameter_report(model)))
-        model, optimizer = self.strategy.setup(model, lambda m: build_optimizer(m, self.config.optim))
+        build = partial(build_model, self.config.model, self.config.peft, self.config.train.precision,
+                        freeze=self.config.optim.freeze)
+        model, optimizer = self.strategy.setup(build, lambda m: build_optimizer(m, self.config.optim))
+        self.logger.info(str(parameter_report(self.strategy.unwrap(model))))
+        self.freezing = build_freezing_schedule(self.strategy.unwrap(model), self.config.optim.freeze, self.logger.info)
         return model, optimizer, build_scheduler(optimizer, self.config.optim, self.total_steps)
 
     # ----------------------------------------------------------------------------------------- training
     def train(self) -> dict:
         from trainer.checkpoint import CheckpointManager
         from trainer.metrics import Throughput, peak_memory_bytes
+        from trainer.preemption import PreemptionWatcher
 
         cfg = self.config
-        checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint, self.strategy)
-        resumed_from = checkpoints.resume(cfg.resume, self)
-        if resumed_from is None:
+        checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint, self.strategy, log=self.logger.info)
+        if checkpoints.resume(cfg.resume, self) is None:
             self.state.eval_before = self.evaluate(step=0)
         self.logger.info(f"training {self.total_steps} steps: global batch {cfg.train.global_batch_size} = micro "
                          f"{cfg.train.micro_batch_size} x {self.strategy.world_size} ranks x "
                          f"{self.accumulation_steps} accumulation; {len(self.data.train)} training rows")
-        throughput, status = Throughput(), "completed"
+        throughput, status, preemption = Throughput(), "completed", PreemptionWatcher()
         while self.state.step < self.total_steps:
             started = time.perf_counter()
+            self.freezing.on_step(self.state.step)  # gradual unfreezing (a no-op unless configured)
             metrics = self.train_step()
             metrics["tokens_per_second"] = throughput.update(metrics.pop("num_tokens"), time.perf_counter() - started)
+            self.state_bytes = self.state_bytes or self.strategy.local_state_bytes(self.model, self.optimizer)
             step = self.state.step
-            if self._every(cfg.logger.every_n_steps, step):
+            if self._every(cfg.logger.every_n_steps, step) or "nonfinite" in metrics:
                 self.logger.log_train(step, metrics)
             self.logger.progress(step, self.total_steps, metrics)
+            if "nonfinite" in metrics and self._nonfinite_stops(metrics["nonfinite"]):
+                status = "stopped_nonfinite"  # before any save: the last committed checkpoint stays the newest
+                break
+            checkpoints.poll()  # commit a finished background save
             if self._every(cfg.eval.every_n_steps, step) and step < self.total_steps:
                 if self._early_stop(self.evaluate(step)):
                     status = "early_stopped"
                     break
-            if self._every(cfg.checkpoint.every_n_steps, step):
-                checkpoints.save(self)
+            saved = checkpoints.due(step) and checkpoints.save(self)
+            if preemption.should_stop(self.strategy):
+                self.logger.info(f"{preemption.signal_name or 'a peer rank signalled'}: stopping at step {step}")
+                if not saved:
+                    checkpoints.save(self)
+                status = "preempted"
+                break
+        checkpoints.finish()  # a background save still in flight is committed before the run ends
+        preemption.close()
+        if status in ("preempted", "stopped_nonfinite"):
+            return self._summary(status, {}, None, throughput.steady_tokens_per_second,
+                                 peak_memory_bytes(self.strategy.device))
         eval_after = self.evaluate(step=self.state.step)
         final_dir = self.save_final()
         return self._summary(status, eval_after, final_dir, throughput.steady_tokens_per_second,
@@ -148,7 +162,7 @@ class Recipe:
         num_tokens = 0
         for index, micro in enumerate(micro_batches):
             batch_rows = [self.data.train[i] for i in micro]
-            batch = collate(batch_rows, self.tokenizer.pad_token_id).to(strategy.device)
+            batch = collate(batch_rows, self.tokenizer.pad_token_id, cfg.model.attn_implementation).to(strategy.device)
             num_tokens += batch.num_tokens
             with strategy.microbatch(self.model, is_last=index == len(micro_batches) - 1):
                 with strategy.autocast():
@@ -164,13 +178,33 @@ class Recipe:
         global_tokens = int(strategy.all_reduce_sum(num_tokens))
         self.state.tokens_seen += global_tokens
         metrics = {"num_tokens": global_tokens, "lr": lr}
-        if self._every(cfg.logger.every_n_steps, self.state.step) or self.state.step in (1, self.total_steps):
-            loss = strategy.all_reduce_sum(float(loss_sum)) / num_label_tokens
+        # Reduced every step, not only on logged ones: the non-finite policy needs every rank to agree on it.
+        loss = strategy.all_reduce_sum(float(loss_sum)) / num_label_tokens
+        # fp16's loss scaler skips overflowing steps by design; elsewhere an unapplied step means NaN/inf gradients.
+        nonfinite = "loss" if not math.isfinite(loss) else (
+            "gradient norm" if not applied and cfg.train.precision != "fp16" else None)
+        if nonfinite:
+            metrics["nonfinite"] = nonfinite
+        if self._every(cfg.logger.every_n_steps, self.state.step) or self.state.step in (1, self.total_steps) \
+                or nonfinite:
             metrics.update(loss=loss, grad_norm=grad_norm, label_tokens=num_label_tokens,
                            epoch=self.sampler.state.epoch)
+        if math.isfinite(loss):
             self.state.first_loss = loss if self.state.first_loss is None else self.state.first_loss
             self.state.last_loss = loss
         return metrics
+
+    def _nonfinite_stops(self, what: str) -> bool:
+        """train.nonfinite: `skip` (the strategy did not apply the step; it is counted) or `stop` (nothing of this
+        step is saved, so the newest committed checkpoint is the last good state)."""
+        step = self.state.step
+        if self.config.train.nonfinite == "stop":
+            self.logger.info(f"step {step}: non-finite {what}: stopping (train.nonfinite=stop); the last committed "
+                             "checkpoint is kept")
+            return True
+        self.logger.info(f"step {step}: non-finite {what}: step skipped without an update "
+                         f"({self.state.skipped_steps} skipped so far; train.nonfinite=skip)")
+        return False
 
     @staticmethod
     def _every(n: int, step: int) -> bool:
@@ -214,12 +248,10 @@ class Recipe:
     # ------------------------------------------------------------------------------------------ outputs
     def save_final(self) -> str:
         """final/: a Hugging Face model dir (full fine-tune) or a PEFT adapter dir, with the tokenizer."""
-        from trainer.checkpoint import save_pretrained_atomically
+        from trainer.checkpoint import save_final_model
 
         final_dir = os.path.join(self.run_dir, "final")
-        if self.strategy.is_main:
-            save_pretrained_atomically(self.strategy.unwrap(self.model), self.tokenizer, final_dir)
-        self.strategy.barrier()
+        save_final_model(self.strategy, self.model, self.tokenizer, final_dir)
         return final_dir
 
     def _summary(self, status: str, eval_after: dict, final_dir: str, tokens_per_second, peak_memory: int) -> dict:
@@ -235,6 +267,7 @@ class Recipe:
             "eval_after": eval_after,
             "tokens_per_second": tokens_per_second,
             "peak_memory_bytes": peak_memory,
+            "model_state_bytes_per_rank": self.state_bytes,
             "world_size": self.strategy.world_size,
             "final_dir": final_dir,
         }
@@ -253,9 +286,19 @@ def write_summary(run_dir: str, summary: dict) -> str:
     return path
 
 
-def run_training(config: Config) -> int:
-    """Run the recipe for a frozen config; rank 0 writes summary.json and the loss curve."""
+# Stopped on a non-finite loss or gradient (train.nonfinite=stop). Not EXIT_REQUEUE: a requeued run would resume
+# from the same checkpoint onto the same data, with the same optimizer and LR state, and fail the same way.
+EXIT_STOPPED_NONFINITE = 3
+
+
+def run_training(config: Config, on_exit_code=None) -> int:
+    """Run the recipe for a frozen config; rank 0 writes summary.json and the loss curve.
+
+    `on_exit_code(code, message)` runs on every rank before any rank exits with a non-zero code (the worker records
+    why there, while torchrun, which tears the job down at the first non-zero exit, still lets it)."""
     from trainer.metrics import plot_loss_curve
+
+    from trainer.errors import EXIT_REQUEUE
 
     started = time.time()
     recipe = Recipe(config)
@@ -267,12 +310,28 @@ def run_training(config: Config) -> int:
             if config.logger.plot:
                 plot_loss_curve(os.path.join(config.run.dir, "metrics.jsonl"), os.path.join(config.run.dir, "loss_curve.png"))
             _print_result(recipe, summary)
+        # A preempted run checkpointed and asks to be requeued; resume=auto continues it from that checkpoint.
+        code = {"preempted": EXIT_REQUEUE, "stopped_nonfinite": EXIT_STOPPED_NONFINITE}.get(summary["status"], 0)
+        if code and on_exit_code is not None:
+            on_exit_code(code, _stop_message(recipe, summary))
+        recipe.strategy.barrier()  # no rank exits (and triggers the teardown) before every rank has recorded
     finally:
         recipe.close()
-    return 0
+    return code
+
+
+def _stop_message(recipe: Recipe, summary: dict) -> str:
+    if summary["status"] == "preempted":
+        return (f"preempted at step {summary['steps']}: checkpoint saved in {recipe.run_dir}/checkpoints; run the same "
+                "command again (resume=auto) to continue")
+    return (f"stopped at step {summary['steps']}: non-finite loss or gradient norm (train.nonfinite=stop); the last "
+            f"committed checkpoint in {recipe.run_dir}/checkpoints is intact (what to do next: docs/checkpoints.md)")
 
 
 def _print_result(recipe: Recipe, summary: dict) -> None:
+    if summary["status"] in ("preempted", "stopped_nonfinite"):
+        print(f"run {_stop_message(recipe, summary)}", flush=True)
+        return
     before, after = summary["eval_before"], summary["eval_after"]
     lines = [f"run {summary['status']}: {summary['steps']} steps in {summary['wall_seconds']} s; "
              f"train loss {summary['train_loss_first']:.4f} -> {summary['train_loss_last']:.4f}"]

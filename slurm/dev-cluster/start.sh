@@ -12,8 +12,8 @@
 #   SLURM_DEV_DIR         base directory of the cluster          [/tmp/trainer-slurm-dev]
 #   SLURM_DEV_ACCOUNTING  1: also run slurmdbd + MariaDB, so sacct works   [0]
 #   SLURM_DEV_CPUS        CPUs each emulated node declares       [what `slurmd -C` reports]
-#   SLURM_DEV_NODE_NAMES  two node names that resolve to this host   [localhost + this hostname]
-#   SLURM_DEV_PORT        first of five consecutive TCP ports     [first free block from 16817]
+#   SLURM_DEV_NODE_NAMES  two node names that resolve to this host   [this hostname + 127.0.0.2]
+#   SLURM_DEV_PORT        first of five consecutive TCP ports     [a free block from 16817 up]
 #   SLURM_DEV_TIMEOUT     seconds to wait for the nodes to be idle [60]
 #   SLURM_DEV_INSTALL     0: never install missing packages (exit 2 instead)   [1]
 #
@@ -29,8 +29,12 @@ readonly SCRIPT_DIR
 readonly BASE_DIR="${SLURM_DEV_DIR:-/tmp/trainer-slurm-dev}"
 readonly ACCOUNTING="${SLURM_DEV_ACCOUNTING:-0}"
 readonly TIMEOUT_S="${SLURM_DEV_TIMEOUT:-60}"
+[[ "$TIMEOUT_S" =~ ^[0-9]+$ ]] || { echo "slurm-dev: ERROR: SLURM_DEV_TIMEOUT must be a number of seconds" >&2; exit 1; }
 readonly CLUSTER_NAME="trainerdev"
 readonly PARTITION="dev"
+# The daemons run as whoever starts them (root on CI; see the docs for running without root).
+RUN_AS="$(id -un)"
+readonly RUN_AS
 
 readonly ETC="$BASE_DIR/etc" RUN="$BASE_DIR/run" LOG="$BASE_DIR/log" STATE="$BASE_DIR/state"
 readonly CONF="$ETC/slurm.conf"
@@ -109,23 +113,36 @@ pid_alive() {
     [[ "$comm" == "$name"* ]]
 }
 
-# Wait for a daemon's pid file to name a live process (the daemons fork, then write it).
+# The lines a daemon logged since spawn() last marked its log.
+since_last_start() {
+    awk '/^=== slurm-dev start/ { n = 0 } { lines[n++] = $0 } END { for (i = 0; i < n; i++) print lines[i] }' \
+        "$1" 2>/dev/null || true
+}
+
+# Wait for a daemon's pid file to name a live process (the daemons fork, then write it). A daemon
+# that logged a fatal error (a port taken, a bad config) is reported at once, not after the timeout.
 wait_pid() {
     local pidfile="$1" name="$2" logfile="$3" deadline=$((SECONDS + 20))
     until pid_alive "$pidfile" "$name"; do
+        if since_last_start "$logfile" | grep -q -E 'fatal:|\[ERROR\]'; then
+            since_last_start "$logfile" | tail -n 5 >&2
+            die 1 "$name failed to start (log: $logfile)"
+        fi
         if ((SECONDS >= deadline)); then
-            tail -n 20 "$logfile" >&2 2>/dev/null || true
+            since_last_start "$logfile" | tail -n 10 >&2
             die 1 "$name did not start within 20 s (log: $logfile)"
         fi
         sleep 0.2
     done
 }
 
-# Run a daemon with its output in its log. It must not inherit fd 3 (the caller's stdout: a
-# `$(start.sh)` or a test harness would wait for EOF forever) nor fd 9 (the start lock).
+# Run a daemon with its output in its log, after a marker line that wait_pid reads from. It must
+# not inherit fd 3 (the caller's stdout: a `$(start.sh)` or a test harness would wait for EOF
+# forever) nor fd 9 (the start lock).
 spawn() {
     local logfile="$1"
     shift
+    printf '=== slurm-dev start %s: %s\n' "$(date '+%F %T')" "$*" >>"$logfile"
     "$@" </dev/null >>"$logfile" 2>&1 3>&- 9>&-
 }
 
@@ -148,7 +165,11 @@ choose_ports() {
     if [[ -n "${SLURM_DEV_PORT:-}" ]]; then
         PORT_BASE="$SLURM_DEV_PORT"
     else
-        local base=16817 tries=0 off busy
+        # Start from a block derived from the directory, so two clusters (say, a stopped one and a
+        # new one) rarely claim the same ports even when neither is running at the time.
+        local sum base tries=0 off busy
+        sum="$(cksum <<<"$BASE_DIR")"
+        base=$((16817 + 10 * (${sum%% *} % 200)))
         while :; do
             busy=0
             for off in 0 1 2 3 4; do
@@ -157,7 +178,7 @@ choose_ports() {
             ((busy == 0)) && break
             base=$((base + 10))
             tries=$((tries + 1))
-            ((tries < 100)) || die 1 "no free block of 5 TCP ports found from 16817 up; set SLURM_DEV_PORT"
+            ((tries < 100)) || die 1 "no free block of 5 TCP ports in 100 tries; set SLURM_DEV_PORT"
         done
         PORT_BASE="$base"
     fi
@@ -212,7 +233,7 @@ node_layout() {
         NODE_LAYOUT="CPUs=$cpus Boards=1 SocketsPerBoard=1 CoresPerSocket=$cpus ThreadsPerCore=1"
     else
         # Keep slurmd's own view of the hardware (what it will register with).
-        NODE_LAYOUT="$(grep -o -E '(CPUs|Boards|SocketsPerBoard|CoresPerSocket|ThreadsPerCore)=[0-9]+' <<<"$hw" | tr '\n' ' ')"
+        NODE_LAYOUT="$(grep -o -E '(CPUs|Boards|SocketsPerBoard|CoresPerSocket|ThreadsPerCore)=[0-9]+' <<<"$hw" | paste -s -d ' ')"
         [[ -n "$NODE_LAYOUT" ]] || NODE_LAYOUT="CPUs=$(nproc)"
     fi
 }
@@ -238,8 +259,8 @@ ClusterName=$CLUSTER_NAME
 SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort=$PORT_BASE
 SlurmdPort=$((PORT_BASE + 1))
-SlurmUser=root
-SlurmdUser=root
+SlurmUser=$RUN_AS
+SlurmdUser=$RUN_AS
 
 # A private MUNGE socket; cred_expire=10 because the default 120 s also delays a requeued job's
 # restart by two minutes.
@@ -302,7 +323,7 @@ AuthInfo=socket=$MUNGE_SOCKET
 DbdHost=localhost
 DbdAddr=127.0.0.1
 DbdPort=$((PORT_BASE + 3))
-SlurmUser=root
+SlurmUser=$RUN_AS
 PidFile=$RUN/slurmdbd.pid
 LogFile=$LOG/slurmdbd.log
 DebugLevel=info
@@ -394,13 +415,20 @@ start_slurmd() {
     wait_pid "$RUN/slurmd-$node.pid" slurmd "$LOG/slurmd-$node.log"
 }
 
-# Poll sinfo until every node is idle; a node that reports "down" or "drain" is an error at once.
+# Poll sinfo until every node has registered and answers. A fresh cluster's nodes are idle; one
+# restarted with saved jobs may already be running them (mix/alloc), which is just as usable.
 wait_nodes_idle() {
     local deadline=$((SECONDS + TIMEOUT_S)) states
     while :; do
         states="$(SLURM_CONF="$CONF" sinfo -h -N -o '%N %t' 2>/dev/null | sort -u || true)"
-        if [[ -n "$states" ]] && ! grep -v -E ' idle$' <<<"$states" >/dev/null; then
-            [[ "$(wc -l <<<"$states")" -eq ${#NODES[@]} ]] && return 0
+        if [[ -n "$states" ]] && ! grep -v -E ' (idle|mix|alloc|comp)$' <<<"$states" >/dev/null &&
+            [[ "$(wc -l <<<"$states")" -eq ${#NODES[@]} ]]; then
+            return 0
+        fi
+        # A daemon that died (a bad config, a port taken) will not come back: say so now.
+        if ! cluster_running; then
+            tail -n 5 "$LOG"/*.log >&2 2>/dev/null || true
+            die 1 "a daemon exited while the cluster was starting (logs: $LOG)"
         fi
         if ((SECONDS >= deadline)); then
             log "sinfo says: ${states:-nothing (slurmctld not answering)}"
@@ -422,6 +450,13 @@ cluster_running() {
         pid_alive "$RUN/slurmdbd.pid" slurmdbd && pid_alive "$RUN/mariadbd.pid" mariadbd || return 1
     fi
     return 0
+}
+
+stop_after_failure() {
+    local rc="$1"
+    ((rc != 0)) || return 0
+    log "stopping the daemons that did start (logs stay in $LOG)"
+    SLURM_DEV_DIR="$BASE_DIR" "$SCRIPT_DIR/stop.sh" 9>&- 3>&- || true
 }
 
 print_exports() {
@@ -447,14 +482,24 @@ main() {
         return 0
     fi
     # A half-running cluster (a daemon died): stop what is left, then start everything afresh.
-    "$SCRIPT_DIR/stop.sh" >/dev/null 2>&1 || true
-    # stop.sh only touches daemons; the directories above still exist.
+    if compgen -G "$RUN/*.pid" >/dev/null; then
+        log "restarting a partly running cluster"
+        SLURM_DEV_DIR="$BASE_DIR" "$SCRIPT_DIR/stop.sh" 9>&- 3>&- || die 1 "could not stop the partly running cluster"
+    fi
 
     choose_ports
+    local port
+    for port in $(seq "$PORT_BASE" $((PORT_BASE + 4))); do
+        ! port_in_use "$port" || die 1 "port $port on 127.0.0.1 is taken (by another cluster?); set SLURM_DEV_PORT or use stop.sh --purge"
+    done
     choose_node_names
     node_layout
     write_slurm_conf
     local started=$SECONDS
+
+    # From here on a failure must not leave half a cluster running: stop what did start (by pid
+    # file, as always) and keep the logs.
+    trap 'stop_after_failure $?' EXIT
 
     start_munge
     if [[ "$ACCOUNTING" == 1 ]]; then

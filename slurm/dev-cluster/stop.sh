@@ -134,14 +134,14 @@ main() {
 
     cancel_jobs
     local rc=0 pidfile
-    local -a slurmds=()
+    local -a slurm=("slurmctld:$RUN/slurmctld.pid")
     for pidfile in "$RUN"/slurmd-*.pid; do
-        if [[ -e "$pidfile" ]]; then slurmds+=("slurmd:$pidfile"); fi
+        if [[ -e "$pidfile" ]]; then slurm+=("slurmd:$pidfile"); fi
     done
-    # Compute nodes first, then the controller, then accounting (the controller flushes its last
-    # records to it), and MUNGE last (the others need it until they are gone).
-    if ((${#slurmds[@]})); then stop_daemons "${slurmds[@]}" || rc=1; fi
-    stop_daemons "slurmctld:$RUN/slurmctld.pid" || rc=1
+    # The controller and the nodes together (no jobs are left to hand over), then accounting (the
+    # controller flushes its last records to it), and MUNGE last (the others need it until they
+    # are gone).
+    stop_daemons "${slurm[@]}" || rc=1
     stop_daemons "slurmdbd:$RUN/slurmdbd.pid" || rc=1
     stop_daemons "mariadbd:$RUN/mariadbd.pid" || rc=1
 

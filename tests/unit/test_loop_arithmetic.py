@@ -43,7 +43,9 @@ def test_global_batch_split_1x4_or_4x1_gives_the_same_gradient(tmp_path, peft):
     assert grads_a.keys() == grads_b.keys() and grads_a
     assert loss_a == pytest.approx(loss_b, rel=1e-5)
     for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-7, msg=name)
+        # fp32 sums in another order differ by rounding: tolerate 1e-6 of the tensor's own scale, no more.
+        scale = float(grads_b[name].abs().max())
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6 * scale, msg=name)
 
 
 def test_loss_is_the_mean_over_label_tokens_of_the_global_batch(tmp_path):
@@ -51,7 +53,7 @@ def test_loss_is_the_mean_over_label_tokens_of_the_global_batch(tmp_path):
     from trainer.data.loader import collate
     from trainer.evaluate import token_loss_sum
 
-    recipe = _recipe(tmp_path, 2, 4, "peft=none")
+    recipe = _recipe(tmp_path, 2, 4, "peft=none", "data.packing=false")
     indices = recipe.sampler._epoch_order(0)[:4].tolist()
     rows = [recipe.data.train[i] for i in indices]
     assert len({row.num_label_tokens for row in rows}) > 1, "the check needs rows with different label counts"

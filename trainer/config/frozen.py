@@ -12,7 +12,7 @@ import re
 from dataclasses import asdict
 from typing import Any
 
-from trainer.config.schema import GROUP_OPTIONS, Config
+from trainer.config.schema import GROUP_OPTIONS, Config, schema_for_option
 
 FROZEN_NAME = "config.yaml"
 _SECRET_KEY = re.compile(r"(^|_)(api_?key|token|secret|password|passwd)$", re.IGNORECASE)
@@ -57,6 +57,6 @@ def load_frozen(path: str) -> Config:
         path = os.path.join(path, FROZEN_NAME)
     raw = OmegaConf.load(path)
     schema = OmegaConf.structured(Config)
-    for group, options in GROUP_OPTIONS.items():
-        schema[group] = OmegaConf.structured(options[raw[group]["name"]])
+    for group in GROUP_OPTIONS:
+        schema[group] = OmegaConf.structured(schema_for_option(group, raw[group]["name"]))
     return to_config(OmegaConf.merge(schema, raw))

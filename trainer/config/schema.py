@@ -13,11 +13,25 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
+from trainer.config.slurm_schema import SlurmLauncherConfig  # the `slurm` launcher option
 from trainer.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULERS = ("cosine", "linear", "constant")
-DATA_FORMATS = ("alpaca", "text", "chat", "sharegpt", "completion", "preference")
+DATA_FORMATS = ("alpaca", "text", "chat", "sharegpt", "completion", "preference", "auto")
+DATA_TEMPLATES = ("auto", "tokenizer", "chatml", "llama-3", "alpaca")
+DEDUP_MODES = ("none", "exact", "normalized")
+TEXT_UNITS = ("block", "file", "line")
+# The record fields each data format reads, and the key each one has in a record unless data.columns says otherwise.
+FORMAT_COLUMNS: Dict[str, Dict[str, str]] = {
+    "alpaca": {"instruction": "instruction", "input": "input", "output": "output", "system": "system"},
+    "chat": {"messages": "messages", "role": "role", "content": "content"},
+    "sharegpt": {"messages": "conversations", "role": "from", "content": "value", "system": "system"},
+    "text": {"text": "text"},
+    "completion": {"prompt": "prompt", "completion": "completion"},
+    "preference": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "role": "role",
+                   "content": "content"},
+}
 RESUME_MODES = ("auto", "never")
 WANDB_MODES = ("disabled", "offline", "online")
 MODEL_INITS = ("pretrained", "random")
@@ -41,6 +55,7 @@ def _non_negative(value: float, key: str, what: str = "a count") -> None:
 class RunConfig:
     name: str = "run"  # a label for the run; part of the default run dir and the W&B run name
     dir: str = "${paths.runs_dir}/${run.name}-${now:%Y%m%d-%H%M%S}"  # where config, metrics, checkpoints go
+    objective: str = "eval_after.loss"  # summary.json metric that sweeps rank by and Optuna optimises
 
     def __post_init__(self) -> None:
         _require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
@@ -71,26 +86,103 @@ class ModelConfig:
 
 
 @dataclass
+class ColumnsConfig:
+    """Record keys to read instead of a format's own field names, e.g. Dolly: input=context output=response."""
+
+    instruction: Optional[str] = None  # alpaca
+    input: Optional[str] = None  # alpaca
+    output: Optional[str] = None  # alpaca
+    system: Optional[str] = None  # alpaca, sharegpt: an optional system prompt field
+    messages: Optional[str] = None  # chat (messages), sharegpt (conversations): the list of turns
+    role: Optional[str] = None  # chat/preference (role), sharegpt (from): a turn's speaker
+    content: Optional[str] = None  # chat/preference (content), sharegpt (value): a turn's text
+    text: Optional[str] = None  # text
+    prompt: Optional[str] = None  # completion, preference
+    completion: Optional[str] = None  # completion
+    chosen: Optional[str] = None  # preference
+    rejected: Optional[str] = None  # preference
+
+
+@dataclass
+class DataSourceConfig:
+    """One entry of data.sources; unset options fall back to the top level of data."""
+
+    path: str = MISSING  # a file, glob, directory, dataset saved with datasets' save_to_disk, or a hub dataset id
+    format: Optional[str] = None  # defaults to data.format
+    weight: float = 1.0  # uses of each record per epoch: 2 repeats it, 0.5 takes a seeded half
+    max_samples: int = 0  # read at most the first N records (0: data.max_samples)
+    split: Optional[str] = None  # split of a hub dataset or saved DatasetDict (default: train)
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)  # overrides data.columns for this source
+
+
+@dataclass
 class DataConfig:
-    path: Optional[str] = None  # training data file (JSON array, JSONL, or text)
-    format: str = "alpaca"  # alpaca | text (more formats: see docs)
+    path: Optional[str] = None  # training data: a file (JSON, JSONL, CSV, Parquet, text), glob, directory or dataset
+    sources: List[DataSourceConfig] = field(default_factory=list)  # several sources mixed by weight (instead of path)
+    format: str = "alpaca"  # alpaca | chat | sharegpt | text | completion | preference | auto (from the fields)
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)  # record keys, e.g. input=context output=response
+    template: str = "auto"  # auto (tokenizer's own, else alpaca/chatml) | tokenizer | chatml | llama-3 | alpaca
     val_path: Optional[str] = None  # explicit validation file; otherwise val_ratio of the training data
+    val_path_for: Optional[str] = None  # use val_path only while data.path is this file (overriding path drops it)
     val_ratio: float = 0.05  # share of training records held out for evaluation when val_path is not given
+    test_path: Optional[str] = None  # explicit test file; otherwise test_ratio of the training data
+    test_ratio: float = 0.0  # share of training records held out as a test split (reported by `trainer data check`)
     max_seq_len: int = 512  # tokens per row; longer samples are truncated (see truncation)
     truncation: str = "truncate"  # truncate | drop samples longer than max_seq_len
     packing: bool = False  # pack several samples per row (attention kept within each sample)
     train_on_inputs: bool = False  # also train on prompt tokens (default: loss on outputs only)
-    template: str = "alpaca"  # prompt template for instruction data
     shuffle: bool = True  # reshuffle every epoch (seeded)
-    max_samples: int = 0  # use at most this many training records (0: all)
+    max_samples: int = 0  # use at most the first N records of each source (0: all)
+    dedup: str = "none"  # none | exact | normalized (case, punctuation, spacing ignored); duplicates are always counted
+    strict: bool = False  # error on records that would be skipped (blank answer, conversation ending on a user turn)
+    text_unit: str = "block"  # plain-text files: one document per blank-line-separated block | file | line
+    cache: bool = True  # cache tokenised data under paths.cache_dir, keyed by a fingerprint of everything it depends on
 
     def __post_init__(self) -> None:
-        _require(self.path is not None and self.path != "", "path", "is required: a JSON/JSONL/text data file")
+        if self.val_path_for is not None and self.val_path_for != self.path:
+            self.val_path = None  # the validation file belongs to another training file (e.g. the demo's)
+        has_path = self.path is not None and self.path != ""
+        _require(has_path or bool(self.sources), "path",
+                 "is required: a data file, glob, directory or dataset (or give data.sources)")
+        _require(not (has_path and self.sources), "sources", "give data.path or data.sources, not both "
+                 "(set data.path=null to use sources)")
         _one_of(self.format, DATA_FORMATS, "format")
+        _one_of(self.template, DATA_TEMPLATES, "template")
         _one_of(self.truncation, ("truncate", "drop"), "truncation")
+        _one_of(self.dedup, DEDUP_MODES, "dedup")
+        _one_of(self.text_unit, TEXT_UNITS, "text_unit")
         _require(0.0 <= self.val_ratio < 1.0, "val_ratio", f"must be in [0, 1), got {self.val_ratio}")
+        _require(0.0 <= self.test_ratio < 1.0, "test_ratio", f"must be in [0, 1), got {self.test_ratio}")
+        _require(self.val_ratio + self.test_ratio < 1.0, "test_ratio", "val_ratio + test_ratio must leave records "
+                 "to train on (sum < 1)")
         _require(self.max_seq_len >= 8, "max_seq_len", f"must be >= 8 tokens, got {self.max_seq_len}")
         _non_negative(self.max_samples, "max_samples")
+        formats = {self.format}
+        for i, source in enumerate(self.sources):
+            key = f"sources.{i}"
+            _require(bool(source.path), f"{key}.path", "is required")
+            if source.format is not None:
+                _one_of(source.format, DATA_FORMATS, f"{key}.format")
+            _require(source.weight > 0, f"{key}.weight", f"must be > 0 (uses of each record per epoch), got "
+                     f"{source.weight}")
+            _non_negative(source.max_samples, f"{key}.max_samples")
+            _check_columns(source.columns, {source.format or self.format}, f"{key}.columns")
+            formats.add(source.format or self.format)
+        _check_columns(self.columns, formats, "columns")
+
+
+def _check_columns(columns: Any, formats: set, key: str) -> None:
+    """A mapped field must be one that a format in use reads (auto may turn out to be any of them)."""
+    if columns is None:
+        return
+    known = set().union(*(FORMAT_COLUMNS[f] for f in FORMAT_COLUMNS)) if "auto" in formats else set().union(
+        *(FORMAT_COLUMNS[f] for f in formats if f in FORMAT_COLUMNS))
+    for name, value in vars(columns).items():
+        if value is None:
+            continue
+        _require(name in known, f"{key}.{name}", f"is not a field of format {', '.join(sorted(formats))} (its fields: "
+                 f"{', '.join(sorted(known))})")
+        _require(isinstance(value, str) and value != "", f"{key}.{name}", "must be a record key (a non-empty string)")
 
 
 @dataclass
@@ -100,26 +192,119 @@ class NoPeftConfig:
     name: str = "none"
 
 
+# `peft.target_modules` presets besides module names; adapters.py resolves them on the loaded model's decoder layers.
+TARGET_PRESETS = ("all-linear", "attention", "mlp")
+QUANT_TYPES = ("nf4", "fp4")
+QUANT_STORAGE_DTYPES = ("uint8", "bf16", "fp16", "fp32")
+COMPUTE_DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+def _check_targets(targets: Any, key: str = "target_modules") -> None:
+    if isinstance(targets, str):
+        _require(targets in TARGET_PRESETS, key, f"{targets!r}: use a list of module names or one of "
+                 f"{', '.join(TARGET_PRESETS)}")
+    else:
+        _require(isinstance(targets, (list, tuple)) and len(targets) > 0 and all(isinstance(t, str) for t in targets),
+                 key, f"must be a non-empty list of module names or one of {', '.join(TARGET_PRESETS)}")
+
+
+def _check_module_names(names: Any, key: str) -> None:
+    _require(isinstance(names, (list, tuple)) and all(isinstance(n, str) and n for n in names), key,
+             "must be a list of module names, e.g. [lm_head]")
+
+
 @dataclass
 class LoraConfig:
+    """LoRA: a trainable low-rank update B @ A beside each target linear; the base stays frozen."""
+
     name: str = "lora"
     r: int = 16  # rank of the update matrices
-    alpha: float = 32.0  # scaling numerator: the update is scaled by alpha / r
+    alpha: float = 32.0  # scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)
     dropout: float = 0.05  # dropout on the adapter's input
-    target_modules: Any = "all-linear"  # a list of module names (q_proj, v_proj, ...) or "all-linear"
+    target_modules: Any = "all-linear"  # module names (q_proj, v_proj, ...), all-linear, attention or mlp
     bias: str = "none"  # none | lora_only | all
+    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r): high ranks keep learning instead of fading
+    modules_to_save: List[str] = field(default_factory=list)  # modules trained in full, saved with the adapter
 
     def __post_init__(self) -> None:
         _require(self.r >= 1, "r", f"must be >= 1, got {self.r}")
         _require(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
         _require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
         _one_of(self.bias, ("none", "lora_only", "all"), "bias")
-        targets = self.target_modules
-        if isinstance(targets, str):
-            _require(targets == "all-linear", "target_modules", f"{targets!r}: use a list of module names or all-linear")
-        else:
-            _require(isinstance(targets, (list, tuple)) and len(targets) > 0 and all(isinstance(t, str) for t in targets),
-                     "target_modules", "must be a non-empty list of module names or all-linear")
+        _check_targets(self.target_modules)
+        _check_module_names(self.modules_to_save, "modules_to_save")
+
+
+@dataclass
+class DoraConfig(LoraConfig):
+    """DoRA: LoRA on the direction of each weight plus a trainable magnitude per output feature."""
+
+    name: str = "dora"
+
+
+@dataclass
+class QLoraConfig(LoraConfig):
+    """QLoRA: LoRA adapters on a base quantised to 4 bits by bitsandbytes at load time."""
+
+    name: str = "qlora"
+    quant_type: str = "nf4"  # nf4 (normal-float, for normally distributed weights) | fp4
+    double_quant: bool = True  # quantise the per-block scales too (~0.4 bit per weight saved)
+    compute_dtype: str = "auto"  # dtype 4-bit weights are dequantised to for matmuls; auto: train.precision's
+    # How the packed 4-bit values are stored: uint8 (bitsandbytes' default), or a float dtype (bf16) so that FSDP2
+    # and ZeRO-3 can shard and gather them like the other (bf16) parameters of a layer.
+    quant_storage: str = "uint8"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _one_of(self.quant_type, QUANT_TYPES, "quant_type")
+        _one_of(self.compute_dtype, COMPUTE_DTYPES, "compute_dtype")
+        _one_of(self.quant_storage, QUANT_STORAGE_DTYPES, "quant_storage")
+
+
+@dataclass
+class IA3Config:
+    """IA3: learned vectors that rescale the outputs of attention projections and the inputs of feed-forward ones."""
+
+    name: str = "ia3"
+    target_modules: Any = None  # null: PEFT's per-family default (k_proj, v_proj, down_proj for llama); or as lora
+    feedforward_modules: Optional[List[str]] = None  # targets scaled on their input; null: the mlp output projections
+    modules_to_save: List[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.target_modules is not None:
+            _check_targets(self.target_modules)
+        if self.feedforward_modules is not None:
+            _check_module_names(self.feedforward_modules, "feedforward_modules")
+        _check_module_names(self.modules_to_save, "modules_to_save")
+
+
+@dataclass
+class PromptTuningConfig:
+    """Prompt tuning: num_virtual_tokens trainable embeddings prepended to every input; the model stays frozen."""
+
+    name: str = "prompt_tuning"
+    num_virtual_tokens: int = 20
+    init: str = "random"  # random | text (start from the embeddings of init_text's tokens)
+    init_text: Optional[str] = None  # e.g. "Answer the question about the creature:"
+
+    def __post_init__(self) -> None:
+        _require(self.num_virtual_tokens >= 1, "num_virtual_tokens", f"must be >= 1, got {self.num_virtual_tokens}")
+        _one_of(self.init, ("random", "text"), "init")
+        _require(self.init != "text" or bool(self.init_text), "init_text", "is required with init=text")
+
+
+@dataclass
+class PrefixTuningConfig:
+    """Prefix tuning: trainable keys and values for num_virtual_tokens positions in every layer's attention."""
+
+    name: str = "prefix_tuning"
+    num_virtual_tokens: int = 20
+    prefix_projection: bool = False  # learn the prefixes through a 2-layer MLP (steadier, more parameters)
+    encoder_hidden_size: int = 0  # hidden size of that MLP; 0: the model's hidden size
+
+    def __post_init__(self) -> None:
+        _require(self.num_virtual_tokens >= 1, "num_virtual_tokens", f"must be >= 1, got {self.num_virtual_tokens}")
+        _non_negative(self.encoder_hidden_size, "encoder_hidden_size", "0: the model's hidden size")
 
 
 @dataclass
@@ -134,8 +319,94 @@ class SingleStrategyConfig:
 
 
 @dataclass
+class DDPStrategyConfig:
+    """DistributedDataParallel: a full replica per rank; gradients all-reduced once per step."""
+
+    name: str = "ddp"
+    timeout_s: int = 1800  # process-group timeout: a rank silent this long ends the job
+    bucket_cap_mb: int = 25
+    find_unused_parameters: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.timeout_s > 0, "timeout_s", f"must be > 0 seconds, got {self.timeout_s}")
+
+
+@dataclass
+class FSDPStrategyConfig:
+    """FSDP2: parameters, gradients and optimizer state sharded; one shard group per decoder layer."""
+
+    name: str = "fsdp"
+    timeout_s: int = 1800
+    reshard_after_forward: bool = True  # free gathered layers after forward (less memory, one more all-gather)
+    cpu_offload: bool = False  # keep shards and optimizer state in host memory
+
+    def __post_init__(self) -> None:
+        _require(self.timeout_s > 0, "timeout_s", f"must be > 0 seconds, got {self.timeout_s}")
+
+
+@dataclass
+class DeepSpeedStrategyConfig:
+    """DeepSpeed ZeRO. The JSON is generated from this config; add keys with deepspeed_overrides."""
+
+    name: str = "zero2"
+    stage: int = 2  # 1: optimizer states sharded; 2: + gradients; 3: + parameters
+    timeout_s: int = 1800
+    offload_optimizer: str = "none"  # none | cpu | nvme
+    offload_param: str = "none"  # none | cpu | nvme (stage 3 only)
+    nvme_path: Optional[str] = None  # a fast local disk for nvme offload
+    overlap_comm: bool = False
+    deepspeed_overrides: Dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed JSON keys
+
+    def __post_init__(self) -> None:
+        _require(self.stage in (1, 2, 3), "stage", f"must be 1, 2 or 3, got {self.stage}")
+        _require(self.timeout_s > 0, "timeout_s", f"must be > 0 seconds, got {self.timeout_s}")
+        _one_of(self.offload_optimizer, ("none", "cpu", "nvme"), "offload_optimizer")
+        _one_of(self.offload_param, ("none", "cpu", "nvme"), "offload_param")
+        _require(self.offload_param == "none" or self.stage == 3, "offload_param", "needs stage 3 (strategy=zero3)")
+        _require("nvme" not in (self.offload_optimizer, self.offload_param) or bool(self.nvme_path), "nvme_path",
+                 "is required for nvme offload: a directory on a fast local disk")
+
+
+@dataclass
+class AutoStrategyConfig:
+    """Resolved by `trainer train` before launch (launch/auto_strategy.py) from the model's size and the GPUs:
+    several GPUs -> fsdp (zero3_offload when that does not fit); one device -> single, and when the requested
+    method does not fit, LoRA on a bf16 base, then QLoRA. The frozen config holds the concrete choice."""
+
+    name: str = "auto"
+    allow_peft_fallback: bool = True  # may replace a PEFT method that does not fit by LoRA, then QLoRA
+    use_all_gpus: bool = True  # with launcher.nproc_per_node=1 and several local GPUs, run one process per GPU
+
+
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+
+
+@dataclass
+class FreezeConfig:
+    """Parameters that do not train, on top of what the PEFT method freezes (layer numbers count from the input)."""
+
+    patterns: List[str] = field(default_factory=list)  # regexes searched in parameter names, e.g. ['embed_tokens']
+    first_n_layers: int = 0  # freeze the embeddings and decoder layers 0..N-1 (general features, kept as learnt)
+    # Gradual unfreezing (ULMFiT): train the top layer (and head) first, then one more layer every N steps, so lower
+    # layers move only once the upper ones have adapted. 0 disables.
+    unfreeze_every_n_steps: int = 0
+
+    def __post_init__(self) -> None:
+        import re
+
+        # Keys start with freeze.: the error surfaces through the optim section, which adds only "optim.".
+        for i, pattern in enumerate(self.patterns):
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"freeze.patterns.{i}", f"{pattern!r} is not a regular expression: {err}") from None
+        _non_negative(self.first_n_layers, "freeze.first_n_layers", "layers")
+        _non_negative(self.unfreeze_every_n_steps, "freeze.unfreeze_every_n_steps", "steps")
+
+
+@dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw
+    name: str = "adamw"  # adamw (torch; fused on CUDA) | adamw_8bit | paged_adamw_8bit | paged_adamw_32bit (bnb)
     lr: float = 2e-4  # peak learning rate
     weight_decay: float = 0.0  # decoupled weight decay; never applied to norms and biases
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -144,9 +415,13 @@ class OptimConfig:
     warmup_ratio: float = 0.03  # share of total steps spent warming up linearly from 0
     min_lr_ratio: float = 0.0  # cosine/linear decay ends at lr * min_lr_ratio
     max_grad_norm: float = 1.0  # clip the global gradient norm (0 disables)
+    # Layer-wise LR decay: the head trains at lr, decoder layer i at lr * decay^(L - i), embeddings at lr * decay^(L+1),
+    # so layers near the input (general features) move least. 1.0 disables.
+    layer_lr_decay: float = 1.0
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
 
     def __post_init__(self) -> None:
-        _one_of(self.name, ("adamw",), "name")
+        _one_of(self.name, OPTIMIZERS, "name")
         _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         _require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
@@ -154,6 +429,8 @@ class OptimConfig:
         _require(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         _require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         _non_negative(self.max_grad_norm, "max_grad_norm", "a norm")
+        _require(0.0 < self.layer_lr_decay <= 1.0, "layer_lr_decay", f"must be in (0, 1] (1 disables), got "
+                 f"{self.layer_lr_decay}")
 
 
 @dataclass
@@ -165,8 +442,10 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 uses dynamic loss scaling)
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     deterministic: bool = False  # deterministic kernels (slower; bit-exact reruns)
+    nonfinite: str = "stop"  # a non-finite loss or grad norm: stop (exit 3, last checkpoint kept) | skip the step
 
     def __post_init__(self) -> None:
+        _one_of(self.nonfinite, ("stop", "skip"), "nonfinite")
         _non_negative(self.max_steps, "max_steps", "optimizer steps")
         _require(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
         _require(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
@@ -195,10 +474,14 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     every_n_steps: int = 0  # save a checkpoint every N steps (0 disables)
+    every_n_minutes: float = 0.0  # also save once this long since the last save (rank 0's clock decides; 0 disables)
     keep_last: int = 2  # committed checkpoints to keep (0 keeps all)
+    async_save: bool = False  # write in a background thread (DCP strategies); committed once every rank has finished
+    checksum: bool = True  # record a crc32 of every file in COMMITTED and check it at resume (sizes are always checked)
 
     def __post_init__(self) -> None:
         _non_negative(self.every_n_steps, "every_n_steps", "steps")
+        _non_negative(self.every_n_minutes, "every_n_minutes", "minutes")
         _non_negative(self.keep_last, "keep_last", "checkpoints; 0 keeps all")
 
 
@@ -228,13 +511,42 @@ class LoggerConfig:
 
 @dataclass
 class LocalLauncherConfig:
-    """Run on this machine: one process, or torchrun workers when nproc_per_node > 1."""
+    """Run here: one process, or torchrun (or deepspeed) workers when nproc_per_node x nnodes > 1."""
 
     name: str = "local"
-    nproc_per_node: int = 1
+    backend: str = "torchrun"  # torchrun | deepspeed (the deepspeed launcher)
+    nproc_per_node: int = 1  # worker processes on this node (one per GPU; on CPU, processes)
+    nnodes: int = 1  # nodes in the job; run the same command on each with its node_rank
+    node_rank: int = 0
+    rdzv_endpoint: str = "127.0.0.1:29500"  # host:port of the c10d rendezvous (the first node)
+    rdzv_id: str = "trainer"  # a job id shared by all nodes of one job
+    hostfile: Optional[str] = None  # DeepSpeed hostfile for multi-node deepspeed launches
+    max_restarts: int = 0  # torchrun restarts all workers this many times after a failure
 
     def __post_init__(self) -> None:
+        _one_of(self.backend, ("torchrun", "deepspeed"), "backend")
         _require(self.nproc_per_node >= 1, "nproc_per_node", f"must be >= 1, got {self.nproc_per_node}")
+        _require(self.nnodes >= 1, "nnodes", f"must be >= 1, got {self.nnodes}")
+        _require(0 <= self.node_rank < self.nnodes, "node_rank", f"must be in [0, nnodes), got {self.node_rank}")
+        _require(":" in self.rdzv_endpoint, "rdzv_endpoint", f"must be host:port, got {self.rdzv_endpoint!r}")
+        _non_negative(self.max_restarts, "max_restarts", "restarts")
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+
+@dataclass
+class HardwareConfig:
+    """The machines a run is planned for (`trainer plan`); training itself reads none of this."""
+
+    gpu_memory_gb: Optional[float] = None  # GiB per GPU (H100 80GB: 80); unset: the local GPUs' (nvidia-smi), else 80
+    host_memory_gb: Optional[float] = None  # GiB of host memory per node for offloaded state; unset: not checked
+
+    def __post_init__(self) -> None:
+        for key in ("gpu_memory_gb", "host_memory_gb"):
+            value = getattr(self, key)
+            _require(value is None or value > 0, key, f"must be > 0 GiB (or null), got {value}")
 
 
 @dataclass
@@ -255,11 +567,21 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     launcher: Any = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
 
 
 # The options of the polymorphic groups, by group and option name (registered in Hydra's ConfigStore).
 GROUP_OPTIONS: dict[str, dict[str, type]] = {
-    "peft": {"none": NoPeftConfig, "lora": LoraConfig},
-    "strategy": {"single": SingleStrategyConfig},
-    "launcher": {"local": LocalLauncherConfig},
+    "peft": {"none": NoPeftConfig, "lora": LoraConfig, "dora": DoraConfig, "qlora": QLoraConfig, "ia3": IA3Config,
+             "prompt_tuning": PromptTuningConfig, "prefix_tuning": PrefixTuningConfig},
+    "strategy": {"single": SingleStrategyConfig, "ddp": DDPStrategyConfig, "fsdp": FSDPStrategyConfig,
+                 "deepspeed": DeepSpeedStrategyConfig, "auto": AutoStrategyConfig},
+    "launcher": {"local": LocalLauncherConfig, "slurm": SlurmLauncherConfig},
 }
+
+
+def schema_for_option(group: str, name: str) -> type:
+    """The schema of a polymorphic group's option, by its `name` (zero1..zero3_offload share one schema)."""
+    if group == "strategy" and name.startswith("zero"):
+        return DeepSpeedStrategyConfig
+    return GROUP_OPTIONS[group][name]

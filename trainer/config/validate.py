@@ -13,7 +13,7 @@ from trainer.config.schema import Config
 from trainer.errors import ConfigError
 
 SECTIONS = ("run", "model", "data", "peft", "strategy", "optim", "train", "eval", "checkpoint", "logger",
-            "launcher", "paths")
+            "launcher", "paths", "hardware")
 
 
 def _omegaconf_error_to_config_error(err: Exception, section: str) -> ConfigError:
@@ -59,17 +59,83 @@ def check_cross_group(config: Config) -> None:
         raise ConfigError("model.path", f"{model.path!r} is not a directory: give a local model dir with config.json")
     if model.path is not None and os.path.isdir(model.path) and not os.path.isfile(os.path.join(model.path, "config.json")):
         raise ConfigError("model.path", f"{model.path!r} has no config.json: give a Hugging Face model dir")
-    if config.data.path and not any(ch in config.data.path for ch in "*?[") and not os.path.exists(config.data.path):
+    if (config.data.path and not any(ch in config.data.path for ch in "*?[") and not os.path.exists(config.data.path)
+            and not _looks_like_hub_id(config.data.path)):
         raise ConfigError("data.path", f"{config.data.path!r} does not exist")
     if config.data.val_path and not os.path.exists(config.data.val_path):
         raise ConfigError("data.val_path", f"{config.data.val_path!r} does not exist")
     if config.eval.early_stopping_patience and not config.eval.every_n_steps:
         raise ConfigError("eval.early_stopping_patience",
                           "needs periodic evaluation: set eval.every_n_steps > 0 (or patience 0 to disable)")
+    if config.strategy.name == "fsdp" and config.train.precision == "fp16":
+        raise ConfigError("train.precision", "fp16 is not supported with strategy=fsdp (no loss scaling there): "
+                          "use bf16, or a DeepSpeed strategy for fp16")
     micro, global_batch = config.train.micro_batch_size, config.train.global_batch_size
-    if global_batch % micro:
-        raise ConfigError("train.global_batch_size",
-                          f"{global_batch} is not a multiple of train.micro_batch_size={micro}")
+    world = getattr(config.launcher, "world_size", 1)
+    if config.strategy.name == "single" and world > 1:
+        raise ConfigError("strategy", f"single runs one process, but the launcher asks for {world}: "
+                          "choose strategy=ddp, fsdp or zero1/zero2/zero3")
+    if global_batch % (micro * world):
+        raise ConfigError("train.global_batch_size", f"{global_batch} is not a multiple of micro_batch_size x "
+                          f"world size = {micro} x {world}")
+    check_peft_optim_strategy(config)
+
+
+# Which combinations of PEFT method, optimizer and strategy run, and why the others are refused before launch
+# (docs/peft.md has the table; each refusal was tried on CPU or is argued in its message).
+BITSANDBYTES_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+_GATHER_DTYPE = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}  # train.precision -> dtype FSDP2/ZeRO-3 gathers in
+
+
+def check_peft_optim_strategy(config: Config) -> None:
+    """QLoRA, bitsandbytes optimizers, prompt learning and freezing against the strategy and precision."""
+    import importlib.util
+
+    peft, optim, strategy, train = config.peft, config.optim, config.strategy, config.train
+    name, stage = strategy.name, getattr(strategy, "stage", 0)
+    deepspeed = name.startswith("zero")
+    bnb_optimizer = optim.name in BITSANDBYTES_OPTIMIZERS
+    if (peft.name == "qlora" or bnb_optimizer) and importlib.util.find_spec("bitsandbytes") is None:
+        key = "peft" if peft.name == "qlora" else "optim.name"
+        raise ConfigError(key, "needs bitsandbytes, which is not installed: pip install 'trainer[qlora]'")
+    if peft.name == "qlora":
+        if config.model.init == "random":
+            raise ConfigError("peft", "qlora quantises a pretrained checkpoint while loading it; model.init=random has "
+                              "none (use peft=lora to train fresh weights)")
+        sharded = name == "fsdp" or (deepspeed and stage == 3)
+        want = _GATHER_DTYPE[train.precision]
+        if sharded and peft.quant_storage != want:
+            raise ConfigError("peft.quant_storage", f"{peft.quant_storage} cannot be sharded by strategy={name}: it "
+                              f"gathers every parameter of a layer as one {want} tensor (train.precision), and would "
+                              f"cast the packed 4-bit bytes; set peft.quant_storage={want}")
+        if (name == "fsdp" and strategy.cpu_offload) or (deepspeed and strategy.offload_param != "none"):
+            key = "strategy.cpu_offload" if name == "fsdp" else "strategy.offload_param"
+            raise ConfigError(key, "QLoRA with parameter offload is not supported: offload moves parameters between "
+                              "GPU and host, but a 4-bit weight's quantisation state (block scales, code book) is not "
+                              "a parameter and stays behind, and a 4-bit base (0.5 byte/parameter) is rarely worth "
+                              "offloading; turn parameter offload off (optimizer offload may stay)")
+    if peft.name in ("prompt_tuning", "prefix_tuning") and config.data.packing and (
+            config.model.attn_implementation == "flash_attention_2"):
+        raise ConfigError("data.packing", f"{peft.name} with packed rows needs a mask that shows every sample the "
+                          "virtual tokens; flash_attention_2 packs without masks: use model.attn_implementation=sdpa "
+                          "or data.packing=false")
+    if bnb_optimizer and name == "fsdp":
+        raise ConfigError("optim.name", f"{optim.name} (bitsandbytes) cannot step FSDP2's sharded DTensor parameters "
+                          "(its kernels get mixed Tensor and DTensor arguments): use optim=adamw with fsdp, or a "
+                          "DeepSpeed strategy (zero1/zero2/zero3) for 8-bit or paged optimizers")
+    if deepspeed and strategy.offload_optimizer != "none" and (bnb_optimizer or optim.layer_lr_decay != 1.0):
+        key = "optim.name" if bnb_optimizer else "optim.layer_lr_decay"
+        raise ConfigError(key, "ZeRO optimizer offload replaces the optimizer by DeepSpeed's CPU Adam (one learning "
+                          "rate, fp32 moments): use optim.name=adamw and optim.layer_lr_decay=1.0, or "
+                          "strategy.offload_optimizer=none")
+    if deepspeed and bnb_optimizer and not strategy.deepspeed_overrides.get("zero_allow_untested_optimizer"):
+        raise ConfigError("optim.name", f"DeepSpeed refuses {optim.name} (bitsandbytes) unless told to accept an "
+                          "optimizer it has not tested; it trains under ZeRO-2/3 here: add "
+                          "+strategy.deepspeed_overrides.zero_allow_untested_optimizer=true")
+    if optim.freeze.unfreeze_every_n_steps and name not in ("single", "auto"):
+        raise ConfigError("optim.freeze.unfreeze_every_n_steps", f"gradual unfreezing switches requires_grad during "
+                          f"training, which strategy={name} fixes when it wraps the model: use strategy=single, or "
+                          "freeze statically (optim.freeze.first_n_layers / patterns)")
 
 
 def _looks_like_hub_id(path: str) -> bool:

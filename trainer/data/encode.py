@@ -1,28 +1,43 @@
-"""Tokenise samples into input ids and labels, masking what the loss must not see.
+"""Tokenise rendered samples into one flat token table, with a trained/not-trained flag per token.
 
-Segments are tokenised one by one and concatenated, so the boundary between prompt and answer is
-exact; labels are -100 on masked tokens. BOS starts a sample when the tokenizer has one, EOS ends it
-so the model learns where to stop.
+Segments are tokenised one by one (in large batches, for speed) and concatenated, so the boundary between
+prompt and answer is exact and the prompt's tokens match what generation sees. BOS starts a sample when the
+tokenizer has one and the template did not write it; EOS ends it, trained, unless the template's end-of-turn
+marker already is the EOS token. The first token's label never counts (nothing predicts it), which also keeps
+the label count of a sample the same whether it sits alone in a row or packed behind another.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from trainer.data.formats import Sample
 
 IGNORE_INDEX = -100
+TOKENIZE_BATCH = 1024
 
 
-@dataclass
+@dataclass(frozen=True)
 class EncodedSample:
-    input_ids: list[int]
-    labels: list[int]
+    """One sample's token ids and labels (IGNORE_INDEX where no loss is taken)."""
+
+    input_ids: Sequence[int]
+    labels: Sequence[int]
 
     @property
     def num_label_tokens(self) -> int:
         """Tokens the loss is computed on: labels are shifted by one, so the first never counts."""
-        return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
+        import numpy as np
+
+        return int((np.asarray(self.labels[1:]) != IGNORE_INDEX).sum())
+
+    @property
+    def samples(self) -> tuple["EncodedSample", ...]:
+        return (self,)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
 
 
 @dataclass
@@ -33,38 +48,111 @@ class EncodeStats:
     dropped_no_labels: int = 0
 
 
-def encode_sample(sample: Sample, tokenizer, train_on_inputs: bool) -> EncodedSample:
-    input_ids: list[int] = []
-    labels: list[int] = []
-    if tokenizer.bos_token_id is not None:
-        input_ids.append(tokenizer.bos_token_id)
-        labels.append(IGNORE_INDEX)
-    for text, trainable in sample.segments:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        input_ids.extend(ids)
-        labels.extend(ids if (trainable or train_on_inputs) else [IGNORE_INDEX] * len(ids))
-    if tokenizer.eos_token_id is not None:
-        input_ids.append(tokenizer.eos_token_id)
-        labels.append(tokenizer.eos_token_id)
-    return EncodedSample(input_ids, labels)
+class TokenTable:
+    """Every sample's tokens in three flat arrays: ids (int32), trained flags, and offsets (n + 1)."""
+
+    def __init__(self, input_ids, trained, offsets):
+        import numpy as np
+
+        self.input_ids = np.asarray(input_ids, dtype=np.int32)
+        self.trained = np.asarray(trained, dtype=bool)
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self):
+        import numpy as np
+
+        return np.diff(self.offsets)
+
+    @property
+    def label_counts(self):
+        """Trained tokens per sample (the first token of a sample is never trained, see the module doc)."""
+        import numpy as np
+
+        cumulative = np.concatenate([[0], np.cumsum(self.trained, dtype=np.int64)])
+        return cumulative[self.offsets[1:]] - cumulative[self.offsets[:-1]]
+
+    def sample(self, index: int) -> EncodedSample:
+        import numpy as np
+
+        start, end = int(self.offsets[index]), int(self.offsets[index + 1])
+        ids = self.input_ids[start:end]
+        return EncodedSample(ids, np.where(self.trained[start:end], ids, IGNORE_INDEX))
 
 
-def encode_samples(samples: list[Sample], tokenizer, max_seq_len: int, train_on_inputs: bool,
-                   truncation: str = "truncate") -> tuple[list[EncodedSample], EncodeStats]:
-    """Encode, then truncate or drop over-long samples; samples left with no label token are dropped."""
+def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens; straight from the Rust tokenizer when there is one
+    (the same ids, without building a Python encoding object per text)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _special(tokenizer) -> tuple[int | None, str | None, int | None]:
+    return tokenizer.bos_token_id, tokenizer.bos_token, tokenizer.eos_token_id
+
+
+def encode_samples(samples: Sequence[Sample], tokenizer, max_seq_len: int, train_on_inputs: bool,
+                   truncation: str = "truncate") -> tuple[TokenTable, list[int], dict[str, list[int]], EncodeStats]:
+    """Encode, then truncate or drop over-long samples; samples left with no trained token are dropped.
+
+    Returns the table of kept samples, their indices into `samples`, the indices that were `truncated`,
+    dropped as `too_long` or dropped with `no_labels`, and the counts."""
+    import numpy as np
+
+    bos_id, bos_token, eos_id = _special(tokenizer)
     stats = EncodeStats()
-    encoded: list[EncodedSample] = []
-    for sample in samples:
-        item = encode_sample(sample, tokenizer, train_on_inputs)
-        if len(item.input_ids) > max_seq_len:
-            if truncation == "drop":
-                stats.dropped_too_long += 1
+    kept: list[int] = []
+    events: dict[str, list[int]] = {"truncated": [], "too_long": [], "no_labels": []}
+    id_chunks, trained_chunks, lengths = [], [], []
+    for start in range(0, len(samples), TOKENIZE_BATCH):
+        batch = samples[start:start + TOKENIZE_BATCH]
+        texts = [text for sample in batch for text, _ in sample.segments]
+        encoded = _tokenize(tokenizer, texts) if texts else []
+        cursor = 0
+        for offset, sample in enumerate(batch):
+            ids: list[int] = []
+            trained: list[bool] = []
+            template_wrote_bos = bool(sample.segments and bos_token and sample.segments[0][0].startswith(bos_token))
+            if bos_id is not None and not template_wrote_bos:
+                ids.append(bos_id)
+                trained.append(False)
+            last_trained_ids: list[int] = []
+            for _, trainable in sample.segments:
+                segment_ids = encoded[cursor]
+                cursor += 1
+                ids.extend(segment_ids)
+                trained.extend([trainable or train_on_inputs] * len(segment_ids))
+                if trainable:
+                    last_trained_ids = segment_ids
+            if eos_id is not None and eos_id not in last_trained_ids:
+                ids.append(eos_id)
+                trained.append(True)
+            if trained:
+                trained[0] = False
+            if len(ids) > max_seq_len:
+                if truncation == "drop":
+                    stats.dropped_too_long += 1
+                    events["too_long"].append(start + offset)
+                    continue
+                ids, trained = ids[:max_seq_len], trained[:max_seq_len]
+                if any(trained):
+                    stats.truncated += 1
+                    events["truncated"].append(start + offset)
+            if not any(trained):
+                stats.dropped_no_labels += 1
+                events["no_labels"].append(start + offset)
                 continue
-            item = EncodedSample(item.input_ids[:max_seq_len], item.labels[:max_seq_len])
-            stats.truncated += 1
-        if item.num_label_tokens == 0:
-            stats.dropped_no_labels += 1
-            continue
-        encoded.append(item)
-        stats.kept += 1
-    return encoded, stats
+            id_chunks.append(np.asarray(ids, dtype=np.int32))
+            trained_chunks.append(np.asarray(trained, dtype=bool))
+            lengths.append(len(ids))
+            kept.append(start + offset)
+    stats.kept = len(kept)
+    offsets = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))])
+    table = TokenTable(np.concatenate(id_chunks) if id_chunks else np.zeros(0, np.int32),
+                       np.concatenate(trained_chunks) if trained_chunks else np.zeros(0, bool), offsets)
+    return table, kept, events, stats

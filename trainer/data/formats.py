@@ -1,76 +1,274 @@
-"""Turn raw records into `Sample`s: ordered text segments, each marked trainable or not.
+"""Parse raw records into `Example`s: a conversation (system/user/assistant messages) or raw text segments.
 
-A format knows which fields a record must have and which parts the loss is computed on; it knows
-nothing about tokenizers. Errors name the record's file and line.
+A format knows which fields a record must have, what types they hold and which parts the loss is computed
+on; it knows nothing about templates or tokenizers. Errors name the record's file and line and say what
+was expected. Records that are well-formed but unusable (nothing to train on, a conversation that ends on
+a user turn, a preference pair whose answers are identical) raise `Skip`, which the pipeline counts, or
+turns into an error under `data.strict=true`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
-from trainer.data.sources import Record
-from trainer.data.templates import Template
+from trainer.config.schema import FORMAT_COLUMNS
+from trainer.data.readers import Record
 from trainer.errors import DataError
+
+# Why a record is skipped, worded for the data-check table and for strict-mode errors.
+SKIP_REASONS = {
+    "empty": "nothing to train on: the answer is blank",
+    "ends_on_user": "the conversation does not end with an assistant turn",
+    "identical_pair": "the chosen and rejected answers are identical",
+}
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant"}
+
+
+class Skip(Exception):
+    """A well-formed record that cannot be trained on; `reason` is a key of SKIP_REASONS."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # system | user | assistant
+    content: str
+    context: str = ""  # alpaca's `input`, kept apart so the alpaca template can give it its own section
+    trainable: bool = True  # assistant turns only; OpenAI's `weight: 0` turns training off for one turn
+
+
+@dataclass(frozen=True)
+class Example:
+    """One parsed record: `messages` for conversation formats, `raw` (text, trainable) pairs otherwise."""
+
+    messages: tuple[Message, ...]
+    raw: tuple[tuple[str, bool], ...]
+    path: str
+    line: int
+    source: int = 0  # index of the configured source it came from
+    rejected: tuple[Message, ...] = ()  # preference pairs: the rejected answer (the chosen one is in messages)
+
+    def text_key(self) -> str:
+        """The content that de-duplication compares: roles and texts, nothing about where it came from."""
+        if self.messages:
+            parts = [f"{m.role}\x1e{m.content}\x1e{m.context}" for m in self.messages + self.rejected]
+        else:
+            parts = [text for text, _ in self.raw]
+        return "\x1f".join(parts)
 
 
 @dataclass(frozen=True)
 class Sample:
-    """Text segments in order; `trainable` segments carry the loss unless train_on_inputs is set."""
+    """A rendered example: text segments in order, each trained on or not, and what generation evals need."""
 
     segments: tuple[tuple[str, bool], ...]
-    source: str
+    source: str  # file (or dataset) it came from
     line: int
-
-    @property
-    def prompt(self) -> str:
-        """Everything before the last trainable segment: what a generation eval feeds the model."""
-        last = max(i for i, (_, trainable) in enumerate(self.segments) if trainable)
-        return "".join(text for text, _ in self.segments[:last])
-
-    @property
-    def reference(self) -> str:
-        """The last trainable segment: the answer a generation eval compares with."""
-        return [text for text, trainable in self.segments if trainable][-1]
+    prompt: str = ""  # the text a generation eval feeds the model (up to the last answer)
+    reference: str = ""  # the last answer, without template markup: what a generation eval compares with
 
 
-def _field(record: Record, name: str, required: bool = True) -> str:
-    data = record.data
-    if not isinstance(data, dict):
-        raise DataError(record.path, record.line, f"expected a JSON object, found {type(data).__name__}")
-    value = data.get(name)
+# --------------------------------------------------------------------------------------------- fields
+def _type_name(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _object(record: Record, what: str) -> dict:
+    if not isinstance(record.data, dict):
+        raise DataError(record.path, record.line, f"the record is {_type_name(record.data)} (expected {what})")
+    return record.data
+
+
+def _text(record: Record, data: dict, key: str, what: str, required: bool = True) -> str:
+    value = data.get(key)
     if value is None:
         if required:
-            present = ", ".join(sorted(data)) or "none"
-            raise DataError(record.path, record.line, f"missing field {name!r} (fields present: {present})")
+            present = ", ".join(sorted(map(str, data))) or "none"
+            raise DataError(record.path, record.line, f"missing field {key!r} (expected {what}; fields present: "
+                            f"{present})")
         return ""
     if not isinstance(value, str):
-        raise DataError(record.path, record.line, f"field {name!r} must be a string, found {type(value).__name__}")
+        raise DataError(record.path, record.line, f"field {key!r} is {_type_name(value)} (expected a string)")
     return value
 
 
-def format_alpaca(record: Record, template: Template, columns: dict[str, str]) -> Sample:
-    instruction = _field(record, columns.get("instruction", "instruction"))
-    context = _field(record, columns.get("input", "input"), required=False)
-    output = _field(record, columns.get("output", "output"))
-    prompt = template.render_prompt(instruction, context)
-    return Sample(((prompt, False), (output, True)), record.path, record.line)
+def _content(record: Record, value: Any, where: str) -> str:
+    """Message content: a string, or OpenAI's list of text parts."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" and
+                                       isinstance(p.get("text"), str) for p in value):
+        return "".join(p["text"] for p in value)
+    raise DataError(record.path, record.line, f"{where} has content that is {_type_name(value)} (expected a string, "
+                    "or a list of {\"type\": \"text\", \"text\": ...} parts)")
 
 
-def format_text(record: Record, template: Template, columns: dict[str, str]) -> Sample:
-    return Sample(((_field(record, columns.get("text", "text")), True),), record.path, record.line)
+def _messages(record: Record, value: Any, field: str, columns: dict, roles: dict, role_names: str) -> list[Message]:
+    if not isinstance(value, list) or not value:
+        found = "an empty list" if isinstance(value, list) else _type_name(value)
+        raise DataError(record.path, record.line, f"field {field!r} is {found} (expected a non-empty list of "
+                        "messages)")
+    role_key, content_key = columns["role"], columns["content"]
+    messages = []
+    for number, item in enumerate(value, start=1):
+        where = f"message {number} of {field!r}"
+        if not isinstance(item, dict):
+            raise DataError(record.path, record.line, f"{where} is {_type_name(item)} (expected an object with "
+                            f"{role_key!r} and {content_key!r})")
+        for key in (role_key, content_key):
+            if key not in item:
+                raise DataError(record.path, record.line, f"{where} has no {key!r} (expected {role_key!r} and "
+                                f"{content_key!r} in every message)")
+        role = item[role_key]
+        if not isinstance(role, str) or role not in roles:
+            raise DataError(record.path, record.line, f"{where} has unknown role {role!r} (expected one of "
+                            f"{role_names})")
+        trainable = True
+        if "weight" in item:  # OpenAI fine-tuning files mark assistant turns to skip with weight 0
+            if item["weight"] not in (0, 1) or isinstance(item["weight"], bool):
+                raise DataError(record.path, record.line, f"{where} has weight {item['weight']!r} (expected 0 or 1)")
+            trainable = item["weight"] == 1
+        messages.append(Message(roles[role], _content(record, item[content_key], where), trainable=trainable))
+    return messages
 
 
-FORMATS: dict[str, Callable[[Record, Template, dict[str, str]], Sample]] = {
-    "alpaca": format_alpaca,
-    "text": format_text,
+def _conversation(record: Record, messages: list[Message], source: int) -> Example:
+    if messages[-1].role != "assistant":
+        raise Skip("ends_on_user")
+    if not any(m.content.strip() for m in messages if m.role == "assistant" and m.trainable):
+        raise Skip("empty")
+    return Example(tuple(messages), (), record.path, record.line, source)
+
+
+# -------------------------------------------------------------------------------------------- formats
+def parse_alpaca(record: Record, columns: dict, source: int = 0) -> Example:
+    data = _object(record, "an object with instruction, input and output")
+    what = f"an alpaca record with {columns['instruction']!r}, {columns['output']!r} and optional {columns['input']!r}"
+    instruction = _text(record, data, columns["instruction"], what)
+    context = _text(record, data, columns["input"], what, required=False)
+    output = _text(record, data, columns["output"], what)
+    system = _text(record, data, columns["system"], what, required=False)
+    if not output.strip():
+        raise Skip("empty")
+    messages = ([Message("system", system)] if system.strip() else []) + [
+        Message("user", instruction, context=context), Message("assistant", output)]
+    return Example(tuple(messages), (), record.path, record.line, source)
+
+
+def parse_chat(record: Record, columns: dict, source: int = 0) -> Example:
+    data = _object(record, f"an object with {columns['messages']!r}")
+    if columns["messages"] not in data:
+        present = ", ".join(sorted(map(str, data))) or "none"
+        raise DataError(record.path, record.line, f"missing field {columns['messages']!r} (expected a list of "
+                        f"{{role, content}} messages; fields present: {present})")
+    messages = _messages(record, data[columns["messages"]], columns["messages"], columns, CHAT_ROLES,
+                         "system, user, assistant")
+    return _conversation(record, messages, source)
+
+
+def parse_sharegpt(record: Record, columns: dict, source: int = 0) -> Example:
+    data = _object(record, f"an object with {columns['messages']!r}")
+    if columns["messages"] not in data:
+        present = ", ".join(sorted(map(str, data))) or "none"
+        raise DataError(record.path, record.line, f"missing field {columns['messages']!r} (expected a list of "
+                        f"{{from, value}} turns; fields present: {present})")
+    messages = _messages(record, data[columns["messages"]], columns["messages"], columns, SHAREGPT_ROLES,
+                         "human, gpt, system")
+    system = _text(record, data, columns["system"], "a string", required=False)
+    if system.strip() and messages[0].role != "system":
+        messages.insert(0, Message("system", system))
+    return _conversation(record, messages, source)
+
+
+def parse_text(record: Record, columns: dict, source: int = 0) -> Example:
+    data = _object(record, f"an object with {columns['text']!r}")
+    text = _text(record, data, columns["text"], "the document's text")
+    if not text.strip():
+        raise Skip("empty")
+    return Example((), ((text, True),), record.path, record.line, source)
+
+
+def parse_completion(record: Record, columns: dict, source: int = 0) -> Example:
+    data = _object(record, "an object with prompt and completion")
+    what = f"a completion record with {columns['prompt']!r} and {columns['completion']!r}"
+    prompt = _text(record, data, columns["prompt"], what)
+    completion = _text(record, data, columns["completion"], what)
+    if not completion.strip():
+        raise Skip("empty")
+    return Example((), ((prompt, False), (completion, True)), record.path, record.line, source)
+
+
+def _preference_side(record: Record, value: Any, field: str, columns: dict) -> list[Message]:
+    if isinstance(value, str):
+        return [Message("assistant", value)]
+    if isinstance(value, list):
+        return _messages(record, value, field, columns, CHAT_ROLES, "system, user, assistant")
+    raise DataError(record.path, record.line, f"field {field!r} is {_type_name(value)} (expected a string or a list "
+                    "of messages)")
+
+
+def parse_preference(record: Record, columns: dict, source: int = 0) -> Example:
+    """prompt/chosen/rejected as strings or message lists, or chosen/rejected as whole conversations that
+    share everything but their final assistant turn (the prompt is then that shared part)."""
+    data = _object(record, "an object with prompt, chosen and rejected")
+    for key in (columns["chosen"], columns["rejected"]):
+        if data.get(key) is None:
+            present = ", ".join(sorted(map(str, data))) or "none"
+            raise DataError(record.path, record.line, f"missing field {key!r} (expected a preference record with "
+                            f"{columns['chosen']!r} and {columns['rejected']!r}; fields present: {present})")
+    chosen = _preference_side(record, data[columns["chosen"]], columns["chosen"], columns)
+    rejected = _preference_side(record, data[columns["rejected"]], columns["rejected"], columns)
+    raw_prompt = data.get(columns["prompt"])
+    if raw_prompt is None:
+        if chosen[:-1] != rejected[:-1] or len(chosen) < 2:
+            raise DataError(record.path, record.line, "without a prompt field, chosen and rejected must be the same "
+                            "conversation up to their final assistant turn (expected a shared prompt, then two "
+                            "answers)")
+        prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+    elif isinstance(raw_prompt, str):
+        prompt = [Message("user", raw_prompt)]
+    else:
+        prompt = _messages(record, raw_prompt, columns["prompt"], columns, CHAT_ROLES, "system, user, assistant")
+    for side, field in ((chosen, columns["chosen"]), (rejected, columns["rejected"])):
+        if side[-1].role != "assistant":
+            raise DataError(record.path, record.line, f"field {field!r} ends with a {side[-1].role} turn (expected "
+                            "it to end with the assistant's answer)")
+    if not chosen[-1].content.strip() or not rejected[-1].content.strip():
+        raise Skip("empty")
+    if chosen == rejected:
+        raise Skip("identical_pair")
+    return Example(tuple(prompt + chosen), (), record.path, record.line, source, rejected=tuple(rejected))
+
+
+PARSERS: dict[str, Callable[[Record, dict, int], Example]] = {
+    "alpaca": parse_alpaca, "chat": parse_chat, "sharegpt": parse_sharegpt, "text": parse_text,
+    "completion": parse_completion, "preference": parse_preference,
 }
 
 
-def format_records(records: list[Record], fmt: str, template: Template,
-                   columns: dict[str, str] | None = None) -> list[Sample]:
-    formatter = FORMATS.get(fmt)
-    if formatter is None:
-        raise DataError(records[0].path if records else "data", None,
-                        f"format {fmt!r} is not supported yet (supported: {', '.join(FORMATS)})")
-    return [formatter(record, template, columns or {}) for record in records]
+def detect_format(record: Record) -> str:
+    """`data.format=auto`: the format whose telltale fields the first record of a source has."""
+    data = record.data if isinstance(record.data, dict) else {}
+    telltales = (("chat", ("messages",)), ("sharegpt", ("conversations",)), ("preference", ("chosen", "rejected")),
+                 ("alpaca", ("instruction", "output")), ("completion", ("prompt", "completion")), ("text", ("text",)))
+    for fmt, fields in telltales:
+        if all(field in data for field in fields):
+            return fmt
+    present = ", ".join(sorted(map(str, data))) or "none"
+    raise DataError(record.path, record.line, f"cannot tell the format from the fields {present} (expected "
+                    f"messages, conversations, chosen/rejected, instruction/output, prompt/completion or text; "
+                    "or set data.format)")
+
+
+def columns_for(fmt: str, overrides: dict[str, str]) -> dict[str, str]:
+    """The record keys to read for a format: its own names, with the user's mapping applied."""
+    columns = dict(FORMAT_COLUMNS[fmt])
+    columns.update({key: value for key, value in overrides.items() if key in columns})
+    return columns

@@ -2,7 +2,15 @@
 
 Every optimizer step consumes one global batch of rows, drawn from a seeded per-epoch permutation.
 Each rank takes its own micro batches out of that global batch, so 1, 2 or 8 ranks see the same data
-at every step, and a checkpoint's (epoch, position) resumes exactly on any world size.
+at every step, and a checkpoint's (epoch, position) resumes exactly on any world size. A row is one
+sample, or with packing several (`packing.PackedRow`); packing happens once, identically on every rank,
+so the rows and their order never depend on the world size either.
+
+`collate` turns rows into model inputs. Packed rows get position ids that restart at every sample and an
+attention mask that stops at sample boundaries: a block-diagonal causal 4D mask for sdpa/eager (boolean
+for sdpa, additive for eager, which adds it to the scores), or, for flash_attention_2, one flattened
+row without padding whose restarting position ids make Transformers run variable-length attention (its
+packed-sequence detection only looks at batches of one row).
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trainer.data.encode import IGNORE_INDEX, EncodedSample
+from trainer.data.encode import IGNORE_INDEX
 
 
 @dataclass
@@ -21,13 +29,16 @@ class SamplerState:
 
 
 class GlobalBatchSampler:
-    def __init__(self, num_rows: int, global_batch_size: int, seed: int, shuffle: bool = True):
+    def __init__(self, num_rows: int, global_batch_size: int, seed: int, shuffle: bool = True,
+                 data_fingerprint: str | None = None):
         if num_rows < global_batch_size:
             raise ValueError(f"{num_rows} rows cannot fill one global batch of {global_batch_size}")
         self.num_rows = num_rows
         self.global_batch_size = global_batch_size
         self.seed = seed
         self.shuffle = shuffle
+        # Identifies the rows (data, tokenizer, template, length, packing): resuming on other rows is refused.
+        self.data_fingerprint = data_fingerprint
         self.state = SamplerState()
         self._order_epoch = -1
         self._order: np.ndarray | None = None
@@ -54,14 +65,22 @@ class GlobalBatchSampler:
         return [int(i) for i in order[start:start + self.global_batch_size]]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.state.epoch, "position": self.state.position, "num_rows": self.num_rows,
-                "global_batch_size": self.global_batch_size, "seed": self.seed}
+        state = {"epoch": self.state.epoch, "position": self.state.position, "num_rows": self.num_rows,
+                 "global_batch_size": self.global_batch_size, "seed": self.seed}
+        if self.data_fingerprint:
+            state["data_fingerprint"] = self.data_fingerprint
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_rows"] != self.num_rows or state["global_batch_size"] != self.global_batch_size:
             raise ValueError(f"the checkpoint's data ({state['num_rows']} rows, global batch "
                              f"{state['global_batch_size']}) differs from this run's ({self.num_rows} rows, "
                              f"global batch {self.global_batch_size}): resume with the same data and batch size")
+        saved = state.get("data_fingerprint")
+        if saved and self.data_fingerprint and saved != self.data_fingerprint:
+            raise ValueError(f"the checkpoint was trained on other data rows (fingerprint {saved}, now "
+                             f"{self.data_fingerprint}): the data files, tokenizer, template, max_seq_len or packing "
+                             "changed; resume with the same data settings")
         self.state = SamplerState(int(state["epoch"]), int(state["position"]))
 
 
@@ -87,18 +106,85 @@ class Batch:
         return Batch({k: v.to(device) for k, v in self.inputs.items()}, self.labels.to(device), self.num_tokens)
 
 
-def collate(rows: list[EncodedSample], pad_id: int) -> Batch:
-    """Right-pad to the longest row; pads are masked out of attention and the loss."""
+def collate(rows: list, pad_id: int, attention: str = "sdpa") -> Batch:
+    """Model inputs for a micro batch of rows (`EncodedSample`s or `PackedRow`s).
+
+    `attention` is the model's attention implementation (model.attn_implementation); it decides how packed
+    rows are kept apart (see the module doc)."""
+    if all(len(row.samples) == 1 for row in rows):
+        return _collate_padded(rows, pad_id)
+    if attention == "flash_attention_2":
+        return _collate_flattened(rows)
+    return _collate_block_diagonal(rows, pad_id, additive_mask=attention == "eager")
+
+
+def _collate_padded(rows: list, pad_id: int) -> Batch:
+    """One sample per row: right-pad to the longest row; pads are masked out of attention and the loss."""
+    import numpy as np
     import torch
 
     length = max(len(row.input_ids) for row in rows)
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    input_ids = np.full((len(rows), length), pad_id, dtype=np.int64)
+    labels = np.full((len(rows), length), IGNORE_INDEX, dtype=np.int64)
+    attention_mask = np.zeros((len(rows), length), dtype=np.int64)
     for i, row in enumerate(rows):
         n = len(row.input_ids)
-        input_ids[i, :n] = torch.tensor(row.input_ids)
-        labels[i, :n] = torch.tensor(row.labels)
+        input_ids[i, :n] = row.input_ids
+        labels[i, :n] = row.labels
         attention_mask[i, :n] = 1
-    return Batch({"input_ids": input_ids, "attention_mask": attention_mask}, labels,
-                 sum(len(row.input_ids) for row in rows))
+    return Batch({"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask)},
+                 torch.from_numpy(labels), int(attention_mask.sum()))
+
+
+def _segments(rows: list, pad_id: int):
+    """Padded ids, labels, per-sample position ids and per-sample segment numbers (the pad tail is a segment
+    of its own, so every query attends to at least itself and no softmax row is empty)."""
+    import numpy as np
+
+    length = max(len(row) for row in rows)
+    input_ids = np.full((len(rows), length), pad_id, dtype=np.int64)
+    labels = np.full((len(rows), length), IGNORE_INDEX, dtype=np.int64)
+    position_ids = np.zeros((len(rows), length), dtype=np.int64)
+    segment = np.zeros((len(rows), length), dtype=np.int64)
+    for i, row in enumerate(rows):
+        start = 0
+        for number, sample in enumerate(row.samples):
+            end = start + len(sample.input_ids)
+            input_ids[i, start:end] = sample.input_ids
+            labels[i, start:end] = sample.labels
+            labels[i, start] = IGNORE_INDEX  # the previous sample's last token must not learn to predict it
+            position_ids[i, start:end] = np.arange(end - start)
+            segment[i, start:end] = number
+            start = end
+        position_ids[i, start:] = np.arange(length - start)
+        segment[i, start:] = len(row.samples)
+    return input_ids, labels, position_ids, segment
+
+
+def _collate_block_diagonal(rows: list, pad_id: int, additive_mask: bool) -> Batch:
+    import torch
+
+    input_ids, labels, position_ids, segment = (torch.from_numpy(a) for a in _segments(rows, pad_id))
+    length = input_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    mask = (segment[:, :, None] == segment[:, None, :]) & causal  # [batch, query, key]
+    mask = mask[:, None, :, :]  # one mask for all heads
+    if additive_mask:  # eager attention adds the mask to the scores
+        mask = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, torch.finfo(torch.float32).min)
+    num_tokens = sum(len(row) for row in rows)
+    return Batch({"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids}, labels, num_tokens)
+
+
+def _collate_flattened(rows: list) -> Batch:
+    """All samples of the micro batch in one row with no padding; restarting position ids mark the samples."""
+    import numpy as np
+    import torch
+
+    samples = [sample for row in rows for sample in row.samples]
+    input_ids = np.concatenate([np.asarray(s.input_ids, dtype=np.int64) for s in samples])
+    labels = np.concatenate([np.asarray(s.labels, dtype=np.int64) for s in samples])
+    starts = np.cumsum([0] + [len(s.input_ids) for s in samples[:-1]])
+    labels[starts] = IGNORE_INDEX
+    position_ids = np.concatenate([np.arange(len(s.input_ids), dtype=np.int64) for s in samples])
+    return Batch({"input_ids": torch.from_numpy(input_ids)[None], "position_ids": torch.from_numpy(position_ids)[None]},
+                 torch.from_numpy(labels)[None], len(input_ids))

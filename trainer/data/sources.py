@@ -1,154 +1,191 @@
-"""Read records from local files, keeping each record's 1-based line so errors can point at it.
+"""Where records come from: files, globs, directories, `datasets` saved to disk, and hub dataset ids.
 
-JSON (an array, or an object holding one list), JSONL and plain text are read here without pandas or
-`datasets`: those lose line numbers, and a user's first contact with a framework is usually a data file
-with one bad line. A UTF-8 BOM, CRLF line ends and blank lines are accepted.
+`data.path` + `data.format` is shorthand for one source; `data.sources` lists several, each with its own
+format, weight, cap and column mapping. `data.val_path` / `data.test_path` are sources too, read with the
+top-level format. Records keep their file and line; rows of `datasets` are numbered from 1.
 """
 
 from __future__ import annotations
 
-import json
+import glob
 import os
+import re
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Iterator
 
+from trainer.config.schema import DataConfig
+from trainer.data.readers import READERS, TEXT_EXTENSIONS, Record, reader_for
 from trainer.errors import DataError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_GLOB_CHARS = "*?["
 
 
 @dataclass(frozen=True)
-class Record:
-    """One raw record and where it came from."""
+class Source:
+    """One configured source, with its options already defaulted from the top level of `data`."""
 
-    data: Any
-    path: str
-    line: int
+    index: int
+    role: str  # train | val | test
+    path: str  # as the user wrote it
+    format: str
+    weight: float
+    max_samples: int
+    split: str | None
+    columns: tuple[tuple[str, str], ...]  # (field, record key) pairs that differ from the format's own names
 
-
-def _read_text(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8-sig", newline=None) as fh:  # utf-8-sig drops a BOM; newline=None folds CRLF
-            return fh.read()
-    except UnicodeDecodeError as err:
-        raise DataError(path, None, f"not UTF-8 text ({err.reason} at byte {err.start}); re-save the file as UTF-8")
-    except OSError as err:
-        raise DataError(path, None, f"cannot read: {err.strerror}")
-
-
-def _line_of(text: str, pos: int) -> int:
-    return text.count("\n", 0, pos) + 1
+    @property
+    def column_map(self) -> dict[str, str]:
+        return dict(self.columns)
 
 
-def _skip_space(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos] in " \t\r\n":
-        pos += 1
-    return pos
-
-
-def _json_error(path: str, text: str, err: json.JSONDecodeError, what: str) -> DataError:
-    return DataError(path, _line_of(text, err.pos), f"malformed JSON {what}: {err.msg} (column {err.colno})")
-
-
-def iter_json_array(path: str, text: str, start: int) -> Iterator[Record]:
-    """Decode `[rec, rec, ...]` element by element so each record keeps its own line."""
-    decoder = json.JSONDecoder()
-    pos = _skip_space(text, start + 1)
-    if pos < len(text) and text[pos] == "]":
-        return
-    while True:
-        if pos >= len(text):
-            raise DataError(path, _line_of(text, len(text)), "the JSON array is not closed: the file looks truncated")
-        try:
-            value, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as err:
-            raise _json_error(path, text, err, "record") from None
-        yield Record(value, path, _line_of(text, pos))
-        pos = _skip_space(text, end)
-        if pos < len(text) and text[pos] == ",":
-            after = _skip_space(text, pos + 1)
-            if after < len(text) and text[after] == "]":
-                raise DataError(path, _line_of(text, pos), "trailing comma after the last record: remove it")
-            pos = after
+def _columns(*layers) -> tuple[tuple[str, str], ...]:
+    """Merge column mappings; later layers (a source's own) win over earlier ones (data.columns)."""
+    merged: dict[str, str] = {}
+    for layer in layers:
+        if layer is None:
             continue
-        if pos < len(text) and text[pos] == "]":
-            return
-        if pos >= len(text):
-            raise DataError(path, _line_of(text, len(text)), "the JSON array is not closed: the file looks truncated")
-        raise DataError(path, _line_of(text, pos), f"expected ',' or ']' between records, found {text[pos]!r}")
+        items = layer.items() if isinstance(layer, dict) else vars(layer).items()
+        merged.update({key: value for key, value in items if value})
+    return tuple(sorted(merged.items()))
 
 
-def read_json(path: str) -> Iterator[Record]:
-    """A JSON array of records, or an object holding exactly one list of records (e.g. {"data": [...]})."""
-    text = _read_text(path)
-    start = _skip_space(text, 0)
-    if start >= len(text):
-        raise DataError(path, None, "the file is empty: expected a JSON array of records")
-    if text[start] == "[":
-        yield from iter_json_array(path, text, start)
-        return
-    if text[start] != "{":
-        raise DataError(path, _line_of(text, start), "expected a JSON array of records or an object holding one")
+def configured_sources(cfg: DataConfig) -> list[Source]:
+    """Training sources first (in order), then the explicit validation and test files, if any."""
+    sources: list[Source] = []
+    if cfg.sources:
+        for spec in cfg.sources:
+            sources.append(Source(len(sources), "train", os.path.normpath(spec.path), spec.format or cfg.format,
+                                  float(spec.weight), spec.max_samples or cfg.max_samples, spec.split,
+                                  _columns(cfg.columns, spec.columns)))
+    else:
+        sources.append(Source(0, "train", os.path.normpath(cfg.path), cfg.format, 1.0, cfg.max_samples, None,
+                              _columns(cfg.columns)))
+    for role, path in (("val", cfg.val_path), ("test", cfg.test_path)):
+        if path:
+            sources.append(Source(len(sources), role, os.path.normpath(path), cfg.format, 1.0, 0, None,
+                                  _columns(cfg.columns)))
+    return sources
+
+
+# ------------------------------------------------------------------------------------------ resolution
+def is_saved_dataset(path: str) -> bool:
+    """A directory written by `datasets`' save_to_disk (a Dataset or a DatasetDict)."""
+    return os.path.isfile(os.path.join(path, "dataset_dict.json")) or (
+        os.path.isfile(os.path.join(path, "dataset_info.json")) and os.path.isfile(os.path.join(path, "state.json")))
+
+
+def looks_like_hub_id(path: str) -> bool:
+    """`org/name` (or `name`) that is not a local path and has no file extension we read."""
+    if os.path.exists(path) or os.path.isabs(path) or path.startswith("."):
+        return False
+    return bool(_HUB_ID.match(path)) and os.path.splitext(path)[1].lower() not in READERS
+
+
+def _data_files_under(directory: str) -> list[str]:
+    found = []
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(os.path.join(root, name) for name in sorted(files)
+                     if not name.startswith(".") and os.path.splitext(name)[1].lower() in READERS)
+    return found
+
+
+def resolve(path: str) -> tuple[str, list[str]]:
+    """("files", [file, ...]) for files, globs and plain directories; ("disk", [dir]); or ("hub", [id])."""
+    if any(ch in path for ch in _GLOB_CHARS):
+        matches = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+        files = [p for p in matches if os.path.splitext(p)[1].lower() in READERS]
+        if not files:
+            raise DataError(path, None, f"the pattern matches no data files (expected files ending in "
+                            f"{', '.join(READERS)}; {len(matches)} other files matched)")
+        return "files", files
+    if os.path.isdir(path):
+        if is_saved_dataset(path):
+            return "disk", [path]
+        files = _data_files_under(path)
+        if not files:
+            raise DataError(path, None, f"the directory holds no data files (expected files ending in "
+                            f"{', '.join(READERS)}, or a dataset saved with datasets' save_to_disk)")
+        return "files", files
+    if os.path.isfile(path):
+        return "files", [path]
+    if looks_like_hub_id(path):
+        return "hub", [path]
+    raise DataError(path, None, "no such file or directory (expected a data file, directory, glob pattern, or a "
+                    "hub dataset id)")
+
+
+def _file_format_check(path: str, fmt: str) -> None:
+    if os.path.splitext(path)[1].lower() in TEXT_EXTENSIONS and fmt not in ("text", "auto"):
+        raise DataError(path, None, f"a plain-text file cannot hold {fmt} records (expected format text for this "
+                        "source, or a JSON/JSONL/CSV/Parquet file)")
+
+
+def _load_datasets_split(kind: str, path: str, split: str | None):
+    """A `datasets.Dataset`: one split of a saved DatasetDict or a hub dataset."""
     try:
-        whole = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise _json_error(path, text, err, "document") from None
-    lists = [key for key, value in whole.items() if isinstance(value, list)]
-    if len(lists) != 1:
-        # One top-level object may also be JSONL with a single line; treat it as one record.
-        if "\n" not in text.strip():
-            yield Record(whole, path, _line_of(text, start))
+        import datasets
+    except ImportError:
+        raise DataError(path, None, "reading saved or hub datasets needs the `datasets` package (pip install "
+                        "datasets)") from None
+    try:
+        if kind == "disk":
+            loaded = datasets.load_from_disk(path)
+            if isinstance(loaded, datasets.DatasetDict):
+                name = split or "train"
+                if name not in loaded:
+                    raise DataError(path, None, f"the saved dataset has no split {name!r} (expected one of "
+                                    f"{', '.join(loaded)}; set the source's split)")
+                return loaded[name]
+            return loaded
+        return datasets.load_dataset(path, split=split or "train")
+    except DataError:
+        raise
+    except Exception as err:  # datasets raises many types (connection, file-not-found, value) for one cause
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if kind == "disk":
+            raise DataError(path, None, f"cannot load the saved dataset: {first} (expected a directory written by "
+                            "datasets' save_to_disk)") from None
+        raise DataError(path, None, f"no such local path, and loading it as a hub dataset failed: {first} (expected "
+                        "a local file, directory or glob, or a hub dataset id with the hub reachable)") from None
+
+
+def iter_records(source: Source, text_unit: str = "block") -> Iterator[Record]:
+    """The source's records in order, stopping after `max_samples` (0: all)."""
+    kind, targets = resolve(source.path)
+    count = 0
+    for record in _iter_all(kind, targets, source, text_unit):
+        yield record
+        count += 1
+        if source.max_samples and count >= source.max_samples:
             return
-        raise DataError(path, 1, f"a JSON object must hold exactly one list of records, found {len(lists)} lists")
-    key_pos = text.find(json.dumps(lists[0]))
-    list_start = text.find("[", key_pos if key_pos >= 0 else start)
-    yield from iter_json_array(path, text, list_start)
 
 
-def read_jsonl(path: str) -> Iterator[Record]:
-    """One JSON object per line; blank lines are skipped; a truncated last line is reported as such."""
-    text = _read_text(path)
-    if not text.strip():
-        raise DataError(path, None, "the file is empty: expected one JSON record per line")
-    lines = text.split("\n")
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as err:
-            last = number == len(lines) or all(not rest.strip() for rest in lines[number:])
-            hint = " (the last line looks truncated)" if last and not text.endswith("\n") else ""
-            raise DataError(path, number, f"malformed JSON line: {err.msg} (column {err.colno}){hint}") from None
-        yield Record(value, path, number)
+def _iter_all(kind: str, targets: list[str], source: Source, text_unit: str) -> Iterator[Record]:
+    if kind == "files":
+        for path in targets:
+            _file_format_check(path, source.format)
+            yield from reader_for(path)(path, text_unit=text_unit)
+        return
+    dataset = _load_datasets_split(kind, targets[0], source.split)
+    label = f"{targets[0]}[{source.split or 'train'}]" if kind == "hub" or source.split else targets[0]
+    if len(dataset) == 0:
+        raise DataError(label, 1, "the dataset is empty (expected at least one row)")
+    for row, value in enumerate(dataset, start=1):
+        yield Record(value, label, row)
 
 
-def read_text_blocks(path: str) -> Iterator[Record]:
-    """Plain text: one document per blank-line-separated block, each record `{"text": ...}`."""
-    text = _read_text(path)
-    if not text.strip():
-        raise DataError(path, None, "the file is empty: expected text")
-    block: list[str] = []
-    block_line = 0
-    for number, line in enumerate(text.split("\n"), start=1):
-        if line.strip():
-            if not block:
-                block_line = number
-            block.append(line)
-        elif block:
-            yield Record({"text": "\n".join(block)}, path, block_line)
-            block = []
-    if block:
-        yield Record({"text": "\n".join(block)}, path, block_line)
-
-
-READERS = {".json": read_json, ".jsonl": read_jsonl, ".txt": read_text_blocks, ".md": read_text_blocks}
-
-
-def read_records(path: str) -> list[Record]:
-    """All records of one file, chosen by extension (.json, .jsonl, .txt/.md)."""
-    if not os.path.isfile(path):
-        raise DataError(path, None, "no such file")
-    extension = os.path.splitext(path)[1].lower()
-    reader = READERS.get(extension)
-    if reader is None:
-        raise DataError(path, None, f"unknown file type {extension!r}: use .json, .jsonl or .txt")
-    return list(reader(path))
+def source_fingerprint(source: Source) -> dict:
+    """What the cache key needs to know about a source's data: file names, sizes and modification times."""
+    kind, targets = resolve(source.path)
+    if kind == "hub":
+        dataset = _load_datasets_split(kind, targets[0], source.split)
+        return {"hub": targets[0], "split": source.split, "fingerprint": getattr(dataset, "_fingerprint", None)}
+    files = targets if kind == "files" else sorted(
+        os.path.join(root, name) for root, _, names in os.walk(targets[0]) for name in names)
+    stats = []
+    for path in files:
+        info = os.stat(path)
+        stats.append([os.path.abspath(path), info.st_size, info.st_mtime_ns])
+    return {"kind": kind, "split": source.split, "files": stats}

@@ -23,19 +23,26 @@ it follows their real shapes, and checks it against the tensors autograd actuall
   this removes Korthikanti's ``5*a*s/h`` term, which is what makes long sequences affordable;
 * a linear layer keeps its input only when its weight trains or an adapter reads the input (frozen linears need only
   their weight for the input gradient). Under autocast every trainable linear gets its own cast copy of its input,
-  so q/k/v keep three copies where pure bf16 keeps one;
+  so q/k/v keep three copies where pure bf16 keeps one; LoRA dropout also gives each adapter its own input copy,
+  plus a dropout mask;
 * MoE: every token visits ``k = num_experts_per_tok`` experts, each keeping the routed input and output copies
   (2*c*h) and the gated-MLP tensors (4*c*I). LoRA on the experts (transformers 5 / peft 0.21) materialises
   ``W + B@A`` per expert and the grouped matmul keeps it: one 16-bit copy of the layer's expert weights per layer;
 * phi3's fused qkv: v is a view that keeps the whole qkv output, and the attention output is copied for o_proj.
+* QLoRA as trainer/model.py builds it (peft's prepare_model_for_kbit_training keeps norms and embeddings in fp32) under
+  autocast: the residual stream is fp32 and bitsandbytes' 4-bit linears cast their output back to their input's
+  dtype, so the gate/up outputs and the activation are fp32: ``3*4*I`` instead of ``3*c*I`` (``fp32_mlp``).
 
 With full activation checkpointing (one checkpoint per decoder layer) only each layer's input survives the forward,
 ``residual_bytes*s*b*h`` per layer (2*s*b*h in bf16), and backward recomputes one layer at a time, so one layer's full
 activations are added once.
 
-The logits are separate (``logits_bytes``): the loss upcasts b*s*V logits to fp32, and log-softmax keeps an fp32
-result, so the peak at the loss holds ``b*s*V*(c + 4 + 4)`` bytes (8 in fp32 training, +c for gemma2's final logit
-soft-capping). For 128k-256k vocabularies this often exceeds all the checkpointed layer inputs together.
+The logits are separate (``logits_bytes``). The loss upcasts the b*s*V logits to fp32 and log-softmax keeps an fp32
+result; the peak comes at the start of backward, when the 16-bit logits (still referenced), that fp32 result, the
+fp32 gradient nll_loss hands back and the fp32 gradient log-softmax returns are alive together: ``b*s*V*(c + 12)``
+bytes (16 in fp32 training; +c for gemma2's final logit soft-capping). Measured on CPU with torch's allocation
+events: 14.0 bytes per logit in bf16, 16.0 in fp32 (tests/integration/test_plan_vs_measured.py). For 128k-256k
+vocabularies this often exceeds all the checkpointed layer inputs together.
 """
 
 from __future__ import annotations
@@ -64,6 +71,17 @@ class ActivationSetting:
     # fine-tuning the residual stream is then fp32, and every trainable linear (or fp32 adapter) keeps its own cast
     # copy of its input. FSDP2 and DeepSpeed run the forward on 16-bit weights, so inputs are shared.
     autocast: bool = False
+    # LoRA dropout > 0 gives every adapter its own dropped-out input plus a mask (a bool per element on CUDA; CPU
+    # kernels keep the mask in the activation dtype).
+    lora_dropout: bool = False
+    dropout_mask_bytes: int = 1
+    # fp32 weights at the bottom of the model (full fine-tuning under autocast, or a base kept in fp32) make the
+    # residual stream fp32, which is what checkpointed layers then keep as their inputs. None: derive it.
+    fp32_residual: bool | None = None
+    # A 4/8-bit base prepared by peft's prepare_model_for_kbit_training (norms and embeddings in fp32) under autocast:
+    # bitsandbytes' linears return their input's dtype, so on the fp32 residual stream the gated MLP's gate and up
+    # outputs, and the activation computed from them, are fp32 (the matmuls still run in the compute dtype).
+    fp32_mlp: bool = False
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
@@ -71,7 +89,8 @@ class ActivationSetting:
 
     def residual_bytes(self, trainable: TrainableCount) -> int:
         """Bytes per element of the residual stream (what a checkpointed layer keeps as its input)."""
-        return FP32_BYTES if self.autocast and trainable.is_full else self.compute_bytes
+        fp32_residual = self.autocast and trainable.is_full if self.fp32_residual is None else self.fp32_residual
+        return FP32_BYTES if fp32_residual else self.compute_bytes
 
 
 def effective_attention(params: ParamCount, attention: str) -> str:
@@ -93,12 +112,19 @@ def _input_group_bytes(
 ) -> int:
     """Bytes per token kept for a set of linears that read the same input of ``width`` features.
 
-    One shared copy, unless each module casts its input (``cast``): then one copy per module that keeps it.
+    One shared copy, unless each module keeps its own (``cast``, or adapters behind LoRA dropout).
     """
     savers = [m for m in modules if module_saves_input(trainable, m)]
     if not savers:
         return 0
-    return (len(savers) if cast else 1) * setting.compute_bytes * width
+    per_module = setting.compute_bytes * width
+    if _adapter_dropout(trainable, setting):
+        return len(savers) * (per_module + setting.dropout_mask_bytes * width)
+    return (len(savers) if cast else 1) * per_module
+
+
+def _adapter_dropout(trainable: TrainableCount, setting: ActivationSetting) -> bool:
+    return setting.lora_dropout and trainable.rank > 0
 
 
 def layer_activation_bytes(
@@ -133,8 +159,9 @@ def layer_activation_bytes(
             # (not shared) into o_proj's input.
             per_token += c * (params.q_dim + params.kv_dim)
             per_token += _input_group_bytes([o_proj], params.q_dim, trainable, setting, cast=adapters_cast)
-        elif adapters_cast and module_saves_input(trainable, o_proj):
-            per_token += c * params.q_dim  # the adapter's own cast copy of the attention output
+        elif (adapters_cast or _adapter_dropout(trainable, setting)) and module_saves_input(trainable, o_proj):
+            # the adapter's own (cast or dropped-out) copy of the attention output
+            per_token += _input_group_bytes([o_proj], params.q_dim, trainable, setting, cast=True)
 
     # MLP.
     inter, k = params.intermediate_size, params.num_experts_per_tok
@@ -145,7 +172,7 @@ def layer_activation_bytes(
     else:
         gate_up = [m for m in params.linear_modules if m.role == "mlp" and m.name != "down_proj"]
         per_token += _input_group_bytes(gate_up, h, trainable, setting, cast=norm_output_cast)
-        per_token += 3 * c * inter  # gate output, activation output, up output
+        per_token += 3 * (FP32_BYTES if setting.fp32_mlp else c) * inter  # gate output, activation output, up output
         down = by_name["down_proj"]
         if trainable.method == "ia3" and setting.autocast and module_saves_input(trainable, down):
             per_token += FP32_BYTES * inter  # the input scaled by an fp32 IA3 vector is promoted to fp32
@@ -155,15 +182,15 @@ def layer_activation_bytes(
     # Adapter-internal tensors: LoRA keeps A's r-wide output; IA3 on an output keeps the unscaled output.
     expert_weights = 0
     for module in trainable.targeted:
-        tokens_per_token = k if module.copies > 1 else 1
+        visits = k if module.copies > 1 else 1  # an expert module runs k times per token
         if module.copies > 1 and trainable.rank:
             # peft adapts 3-D expert parameters by materialising W + B@A for every expert; the grouped matmul then
             # keeps that merged weight for backward: a full 16-bit copy of the layer's expert weights.
             expert_weights += c * module.weight_params
         if trainable.rank:
-            per_token += tokens_per_token * c * trainable.rank * module.rank_multiplier
+            per_token += visits * c * trainable.rank * module.rank_multiplier
         if ia3_scales_output(trainable, module):
-            per_token += tokens_per_token * c * module.out_features
+            per_token += visits * c * module.out_features
     return per_token * seq_len * micro_batch + expert_weights
 
 
@@ -195,9 +222,11 @@ def model_activation_bytes(
 
 
 def logits_bytes(params: ParamCount, seq_len: int, micro_batch: int, setting: ActivationSetting) -> int:
-    """Peak at the loss: 16-bit logits, their fp32 upcast, and the fp32 log-softmax kept for backward."""
+    """Peak at the loss, reached as backward starts: the logits (c bytes), the fp32 log-softmax output kept for
+    backward, the fp32 gradient nll_loss returns for it and the fp32 gradient log-softmax returns (the fp32 upcast of
+    the forward, c + 8 in all, is gone by then)."""
     c = setting.compute_bytes
-    per_logit = c + (FP32_BYTES if c < FP32_BYTES else 0) + FP32_BYTES
+    per_logit = c + 3 * FP32_BYTES
     if params.final_logit_softcapping:
         per_logit += c  # tanh output of the soft-capping, kept for backward
     return per_logit * seq_len * micro_batch * params.vocab_size

@@ -6,7 +6,7 @@ Bytes per trainable parameter (T trainable, N = world size; the optimizer's ``o`
 
 ```
                 weights (16-bit)   master (fp32)   gradients   optimizer
-single / ddp    2 (autocast copy)  4               4 (fp32)    o
+single / ddp    2 (autocast copy)  4               4 (fp32)    o       ddp: buckets are views of the gradients
 fsdp (FSDP2)    - (gathered)       4/N             4/N         o/N     fp32 sharded params, bf16 compute, fp32 reduce
 zero1           2                  4/N             2           o/N     DeepSpeed bf16: fp32 master + states sharded
 zero2           2                  4/N             2/N         o/N
@@ -15,12 +15,18 @@ zero3_offload   host 2/N           host 4/N        host 4/N    host o/N   (optim
 fp32 training   4 (no master)                      4           o       sharded the same way
 ```
 
-Frozen weights (PEFT bases) keep their storage format: the compute dtype, or int8/nf4/fp4 for the decoder-layer
-linear weights (``frozen_weight_bytes``), replicated under single/ddp/zero1/zero2 and sharded under fsdp/zero3.
+Frozen weights (PEFT bases) keep their storage format (``PlanInputs.resolved_weight_precision``: a float dtype, or
+int8/nf4/fp4 for the decoder-layer linear weights, see ``frozen_weight_bytes``), replicated under
+single/ddp/zero1/zero2 and sharded under fsdp/zero3. What a quantised base leaves unquantised is fp32 outside DeepSpeed
+(``kbit_prepared``: trainer/model.py runs peft's prepare_model_for_kbit_training).
 
-FSDP2 and ZeRO-3 gather parameters one unit at a time (units: the embedding, each decoder layer, final norm with
-lm_head) and prefetch the next, so the working set is the two largest units' 16-bit weights plus the largest unit's
-unsharded 16-bit gradient before its reduce-scatter.
+FSDP2 and ZeRO-3 gather parameters one unit at a time and prefetch the next. Units follow trainer/strategy/fsdp.py:
+each decoder layer, and a root unit (embedding, final norm, lm_head) that stays gathered from the embedding lookup to
+the loss. The working set is the root plus two decoder layers (current and prefetched) in 16 bits, plus the largest
+unit's unsharded 16-bit gradient before its reduce-scatter.
+
+DDP keeps its gradient buckets apart from ``param.grad`` unless ``gradient_as_bucket_view=True``; trainer/strategy/
+ddp.py sets it, so gradients are counted once (``DDP_BUCKET_COPY`` models the other setting).
 
 Margin: ``margin_fraction`` (10%) of everything above for allocator fragmentation and short-lived buffers (DeepSpeed
 buckets, the fp32 gradient partition at the step, backward's gradient tensors), plus ``margin_bytes`` (1 GiB) for
@@ -47,12 +53,17 @@ from trainer.plan.trainable import TrainableCount, count_trainable, normalise_me
 
 GIB = 1024**3
 PRECISIONS = {"bf16-mixed": 2, "fp16-mixed": 2, "fp32": 4}  # training precision -> compute bytes
+PRECISION_ALIASES = {"bf16": "bf16-mixed", "fp16": "fp16-mixed"}  # the names train.precision uses
 FLOAT_WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 QUANTIZED_WEIGHTS = ("int8", "nf4", "fp4")
 WEIGHT_PRECISIONS = (*FLOAT_WEIGHT_BYTES, *QUANTIZED_WEIGHTS)
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw": 8, "paged_adamw_8bit": 2, "sgd": 4}
 STRATEGIES = ("single", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload")
 SHARDED_PARAM_STRATEGIES = ("fsdp", "zero3", "zero3_offload")
+DEEPSPEED_STRATEGIES = ("zero1", "zero2", "zero3", "zero3_offload")
+# True would model DDP without gradient_as_bucket_view (buckets a second copy of the grads); trainer/strategy/ddp.py
+# sets it, so the buckets are views of the gradients.
+DDP_BUCKET_COPY = False
 NF4_BLOCK = 64  # bitsandbytes 4-bit: one absmax per 64 weights
 NF4_DOUBLE_QUANT_BLOCK = 256  # double quantisation: 8-bit absmax, one fp32 scale per 256 absmax values
 
@@ -64,29 +75,33 @@ class PlanInputs:
     arch: Mapping[str, Any]
     peft_method: str = "none"  # none (full fine-tune; "full" accepted) | lora | dora | qlora | ia3 | prompt/prefix
     lora_r: int = 16
+    lora_dropout: float = 0.0  # > 0 costs each adapter its own input copy and dropout mask (activations)
     target_modules: str | tuple[str, ...] | None = None  # None: all-linear (lora family), peft's defaults (ia3)
     num_virtual_tokens: int = 20
-    weight_precision: str | None = None  # frozen base storage; None: nf4 for qlora, else the compute dtype
+    weight_precision: str | None = None  # frozen base storage; None: as trainer/model.py builds it (see below)
     double_quant: bool = True
-    precision: str = "bf16-mixed"  # bf16-mixed | fp16-mixed | fp32
+    precision: str = "bf16-mixed"  # bf16-mixed | fp16-mixed | fp32 (bf16 and fp16 accepted, as in train.precision)
     optimizer: str = "adamw"
-    strategy: str = "single"
+    strategy: str = "single"  # one of STRATEGIES, or auto (resolved by table.choose_auto_strategy)
     nodes: int = 1
     gpus_per_node: int = 1
     micro_batch_size: int = 1
     seq_len: int = 2048
     gradient_checkpointing: bool = True
-    attention: str = "sdpa"  # eager | sdpa | flash
+    attention: str = "sdpa"  # eager | sdpa | flash (flash_attention_2 accepted, as in model.attn_implementation)
     margin_fraction: float = 0.10
     margin_bytes: int = GIB
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "peft_method", normalise_method(self.peft_method))
+        object.__setattr__(self, "precision", PRECISION_ALIASES.get(self.precision, self.precision))
+        if self.attention == "flash_attention_2":
+            object.__setattr__(self, "attention", "flash")
         if isinstance(self.target_modules, list):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("optimizer", self.optimizer, OPTIMIZER_STATE_BYTES)
-        _check_choice("strategy", self.strategy, STRATEGIES)
+        _check_choice("strategy", self.strategy, (*STRATEGIES, "auto"))
         _check_choice("attention", self.attention, ATTENTION_IMPLEMENTATIONS)
         if self.weight_precision is not None:
             _check_choice("weight_precision", self.weight_precision, WEIGHT_PRECISIONS)
@@ -94,6 +109,8 @@ class PlanInputs:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0 <= self.margin_fraction < 1 or self.margin_bytes < 0:
             raise ValueError("margin_fraction must be in [0, 1) and margin_bytes >= 0")
         weights = self.resolved_weight_precision
@@ -114,11 +131,15 @@ class PlanInputs:
 
     @property
     def resolved_weight_precision(self) -> str:
+        """Storage of the frozen base. Default: nf4 for qlora; DeepSpeed builds everything in the compute dtype;
+        otherwise a frozen base is bf16 under bf16 and fp32 under fp16/fp32 (trainer/model.py build_model)."""
         if self.weight_precision is not None:
             return self.weight_precision
         if self.peft_method == "qlora":
             return "nf4"
-        return {"bf16-mixed": "bf16", "fp16-mixed": "fp16", "fp32": "fp32"}[self.precision]
+        if self.strategy in DEEPSPEED_STRATEGIES:
+            return {"bf16-mixed": "bf16", "fp16-mixed": "fp16", "fp32": "fp32"}[self.precision]
+        return "bf16" if self.precision == "bf16-mixed" else "fp32"
 
     def replace(self, **changes: Any) -> PlanInputs:
         return dataclasses.replace(self, **changes)
@@ -174,8 +195,10 @@ class MemoryEstimate:
             "total_per_node": self.host_total_per_node,
         }
 
-    def fits(self, gpu_memory_gib: float) -> bool:
-        return self.total <= gpu_memory_gib * GIB
+    def fits(self, gpu_memory_gib: float, host_memory_gib: float | None = None) -> bool:
+        """Whether the GPU total fits, and (when ``host_memory_gib`` per node is given) the offloaded state too."""
+        host_ok = host_memory_gib is None or self.host_total_per_node <= host_memory_gib * GIB
+        return self.total <= gpu_memory_gib * GIB and host_ok
 
 
 def quantized_linear_bytes(module: LinearModule, precision: str, double_quant: bool = True) -> int:
@@ -193,7 +216,9 @@ def quantized_linear_bytes(module: LinearModule, precision: str, double_quant: b
     return module.copies * (math.ceil(numel / 2) + absmax)
 
 
-def frozen_weight_bytes(params: ParamCount, weight_precision: str, compute_bytes: int, double_quant: bool = True) -> int:
+def frozen_weight_bytes(
+    params: ParamCount, weight_precision: str, compute_bytes: int, double_quant: bool = True
+) -> int:
     """Bytes of the whole model stored as a frozen base: float formats throughout, or quantised decoder linears
     with everything else (embeddings, norms, lm_head, biases, routers, MoE experts) in the compute dtype."""
     if weight_precision in FLOAT_WEIGHT_BYTES:
@@ -205,23 +230,26 @@ def frozen_weight_bytes(params: ParamCount, weight_precision: str, compute_bytes
 
 
 def _unit_weight_bytes(params: ParamCount, inputs: PlanInputs, trainable: TrainableCount) -> list[int]:
-    """16-bit (or quantised) bytes of each FSDP/ZeRO-3 unit as it is gathered for compute."""
+    """16-bit (or quantised) bytes of each FSDP/ZeRO-3 unit as it is gathered for compute: root, then layers."""
     c = inputs.compute_bytes
     if trainable.is_full:
         return [c * unit for unit in params.fsdp_units()]
     one_layer = dataclasses.replace(params, num_layers=1, embedding=0, lm_head=0, final_norm=0)
-    layer = frozen_weight_bytes(one_layer, inputs.resolved_weight_precision, c, inputs.double_quant)
+    # FSDP's param_dtype casts a float base to the compute dtype as it gathers; quantised bases stay quantised.
+    stored = inputs.resolved_weight_precision
+    gathered_as = stored if stored in QUANTIZED_WEIGHTS else {2: "bf16", 4: "fp32"}[c]
+    layer = frozen_weight_bytes(one_layer, gathered_as, c, inputs.double_quant)
     layer += c * _adapter_params_per_layer(params, trainable)
-    return [c * params.embedding, *([layer] * params.num_layers), c * (params.final_norm + params.lm_head)]
+    return [c * params.fsdp_units()[0], *([layer] * params.num_layers)]
 
 
 def _gathered_bytes(params: ParamCount, inputs: PlanInputs, trainable: TrainableCount) -> int:
-    units = sorted(_unit_weight_bytes(params, inputs, trainable), reverse=True)
+    root, *layers = _unit_weight_bytes(params, inputs, trainable)
     if trainable.is_full:
         largest_grad = inputs.compute_bytes * max(params.fsdp_units())
     else:
         largest_grad = inputs.compute_bytes * _adapter_params_per_layer(params, trainable)
-    return sum(units[:2]) + largest_grad
+    return root + sum(sorted(layers, reverse=True)[:2]) + largest_grad
 
 
 def _adapter_params_per_layer(params: ParamCount, trainable: TrainableCount) -> int:
@@ -229,8 +257,17 @@ def _adapter_params_per_layer(params: ParamCount, trainable: TrainableCount) -> 
     return trainable.total // params.num_layers if trainable.targeted else 0
 
 
+def kbit_prepared(inputs: PlanInputs) -> bool:
+    """A quantised base as trainer/model.py builds it: peft's prepare_model_for_kbit_training casts every float
+    parameter it leaves unquantised (embeddings, norms, lm_head, MoE experts) to fp32. DeepSpeed builds everything
+    in the compute dtype instead (trainer/model.py casts them back)."""
+    return inputs.resolved_weight_precision in QUANTIZED_WEIGHTS and inputs.strategy not in DEEPSPEED_STRATEGIES
+
+
 def _check_combination(inputs: PlanInputs) -> None:
     """Reject setups the backends cannot run, naming the key to change."""
+    if inputs.strategy == "auto":
+        raise ValueError("strategy=auto has no memory of its own: resolve it with choose_auto_strategy first")
     if inputs.strategy == "zero3_offload" and inputs.optimizer != "adamw":
         raise ValueError(
             f"optimizer={inputs.optimizer} cannot be offloaded: ZeRO offload runs DeepSpeed's CPU Adam; use adamw"
@@ -250,45 +287,21 @@ def estimate_memory(inputs: PlanInputs) -> MemoryEstimate:
         target_modules=inputs.target_modules,
         num_virtual_tokens=inputs.num_virtual_tokens,
     )
-    n, c, strategy = inputs.world_size, inputs.compute_bytes, inputs.strategy
-    mixed = inputs.precision != "fp32"
+    c = inputs.compute_bytes
     notes = list(params.notes)
     if trainable.unmatched:
         notes.append(f"target_modules not found in {params.model_type}: {', '.join(trainable.unmatched)}")
-
-    frozen = 0 if trainable.is_full else frozen_weight_bytes(
-        params, inputs.resolved_weight_precision, c, inputs.double_quant
-    )
-    t = trainable.total
-    copy_bytes, master_bytes = (2, 4) if mixed else (4, 0)
-    grad_bytes = 4 if strategy in ("single", "ddp", "fsdp") or not mixed else 2
-    opt = OPTIMIZER_STATE_BYTES[inputs.optimizer] * t
-    shard_params = strategy in SHARDED_PARAM_STRATEGIES
-    shard_grads = strategy in ("fsdp", "zero2", "zero3", "zero3_offload")
-    shard_states = strategy != "single" and strategy != "ddp"
-
-    # The persistent copy of the trainable weights the forward reads. FSDP2 in mixed precision keeps only the fp32
-    # shards (counted as master weights) and casts to bf16 when it gathers a unit.
-    if strategy == "fsdp":
-        trainable_copy = 0 if mixed else copy_bytes * t / n
-    elif strategy in ("zero3", "zero3_offload"):
-        trainable_copy = copy_bytes * t / n
-    else:
-        trainable_copy = copy_bytes * t
-    weights = frozen / (n if shard_params else 1) + trainable_copy
-    master = master_bytes * t / (n if shard_states else 1)
-    gradients = grad_bytes * t / (n if shard_grads else 1)
-    optimizer = opt / (n if shard_states else 1)
-    host = {"weights": 0.0, "master": 0.0, "gradients": 0.0, "optimizer": 0.0}
-    if strategy == "zero3_offload":
-        # DeepSpeed keeps each rank's partition of the 16-bit params, fp32 master, fp32 grads and Adam states on
-        # the host; the GPU holds only the gathered working set.
-        host = {"weights": weights, "master": master, "gradients": 4 * t / n, "optimizer": optimizer}
-        weights = master = gradients = optimizer = 0.0
-    gathered = _gathered_bytes(params, inputs, trainable) if shard_params else 0
+    gpu, host = _model_state_bytes(inputs, params, trainable)
+    gathered = _gathered_bytes(params, inputs, trainable) if inputs.strategy in SHARDED_PARAM_STRATEGIES else 0
 
     seq_len = inputs.seq_len + (inputs.num_virtual_tokens if trainable.method == "prompt_tuning" else 0)
-    setting = ActivationSetting(c, inputs.attention, autocast=mixed and strategy in ("single", "ddp"))
+    mixed = inputs.precision != "fp32"
+    autocast = mixed and inputs.strategy in ("single", "ddp")
+    fp32_base = not trainable.is_full and inputs.resolved_weight_precision == "fp32"
+    kbit = kbit_prepared(inputs)
+    setting = ActivationSetting(c, inputs.attention, autocast=autocast, lora_dropout=inputs.lora_dropout > 0,
+                                fp32_residual=autocast and (trainable.is_full or fp32_base or kbit),
+                                fp32_mlp=autocast and kbit)
     if effective_attention(params, inputs.attention) != inputs.attention:
         notes.append("transformers has no SDPA for gemma2: counted eager attention (set attention=flash to avoid)")
     activations = model_activation_bytes(
@@ -297,34 +310,71 @@ def estimate_memory(inputs: PlanInputs) -> MemoryEstimate:
     logits = logits_bytes(params, seq_len, inputs.micro_batch_size, setting)
     notes.extend(_setup_notes(inputs, trainable))
 
-    subtotal = weights + master + gradients + optimizer + gathered + activations + logits
+    subtotal = sum(gpu.values()) + gathered + activations + logits
     margin = inputs.margin_fraction * subtotal + inputs.margin_bytes
     return MemoryEstimate(
         inputs=inputs,
         params=params,
         trainable=trainable,
-        weights=round(weights),
-        master_weights=round(master),
-        gradients=round(gradients),
-        optimizer=round(optimizer),
+        **{name: round(value) for name, value in gpu.items()},
         gathered=round(gathered),
         activations=activations,
         logits=logits,
         margin=round(margin),
-        host_weights=round(host["weights"]),
-        host_master_weights=round(host["master"]),
-        host_gradients=round(host["gradients"]),
-        host_optimizer=round(host["optimizer"]),
+        **{f"host_{name}": round(value) for name, value in host.items()},
         notes=tuple(notes),
     )
+
+
+def _model_state_bytes(
+    inputs: PlanInputs, params: ParamCount, trainable: TrainableCount
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Persistent weights, master weights, gradients and optimizer state: (per GPU, per rank on the host)."""
+    n, c, strategy = inputs.world_size, inputs.compute_bytes, inputs.strategy
+    mixed = inputs.precision != "fp32"
+    frozen = 0
+    if not trainable.is_full:
+        # What a quantised base leaves unquantised (embeddings, norms, lm_head) is fp32 after k-bit preparation.
+        remainder = 4 if kbit_prepared(inputs) else c
+        frozen = frozen_weight_bytes(params, inputs.resolved_weight_precision, remainder, inputs.double_quant)
+    t = trainable.total
+    copy_bytes, master_bytes = (2, 4) if mixed else (4, 0)
+    # torch autocast and FSDP2 (reduce_dtype fp32) keep fp32 gradients; DeepSpeed bf16 keeps 16-bit ones.
+    grad_bytes = 4 if strategy in ("single", "ddp", "fsdp") or not mixed else 2
+    shard_params = strategy in SHARDED_PARAM_STRATEGIES
+    shard_grads = strategy in ("fsdp", "zero2", "zero3", "zero3_offload")
+    shard_states = strategy not in ("single", "ddp")
+
+    # The persistent copy of the trainable weights the forward reads. FSDP2 in mixed precision keeps only the fp32
+    # shards (counted as master weights) and casts to bf16 when it gathers a unit.
+    if strategy == "fsdp":
+        trainable_copy = 0 if mixed else copy_bytes * t / n
+    elif shard_params:
+        trainable_copy = copy_bytes * t / n
+    else:
+        trainable_copy = copy_bytes * t
+    bucket_copies = 2 if strategy == "ddp" and DDP_BUCKET_COPY else 1
+    gpu = {
+        "weights": frozen / (n if shard_params else 1) + trainable_copy,
+        "master_weights": master_bytes * t / (n if shard_states else 1),
+        "gradients": bucket_copies * grad_bytes * t / (n if shard_grads else 1),
+        "optimizer": OPTIMIZER_STATE_BYTES[inputs.optimizer] * t / (n if shard_states else 1),
+    }
+    host = dict.fromkeys(gpu, 0.0)
+    if strategy == "zero3_offload":
+        # DeepSpeed keeps each rank's partition of the 16-bit params, fp32 master, fp32 grads and Adam states on
+        # the host; the GPU holds only the gathered working set.
+        host = {**gpu, "gradients": 4 * t / n}
+        gpu = dict.fromkeys(gpu, 0.0)
+    return gpu, host
 
 
 def _setup_notes(inputs: PlanInputs, trainable: TrainableCount) -> list[str]:
     notes = []
     if inputs.optimizer.startswith("paged_"):
         notes.append("paged optimizer: its state can page out to host memory under pressure; counted on the GPU")
-    if inputs.strategy == "ddp":
-        notes.append("ddp assumes gradient_as_bucket_view=True; otherwise add one more copy of the gradients")
+    if inputs.strategy == "ddp" and DDP_BUCKET_COPY:
+        notes.append("ddp: gradient buckets hold a second copy of the gradients (gradient_as_bucket_view=False)")
     if trainable.method == "dora":
         notes.append("DoRA's extra activations (weight-norm terms) are not modelled; expect more than LoRA")
     if trainable.method == "prefix_tuning":

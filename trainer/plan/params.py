@@ -143,12 +143,12 @@ class ParamCount:
         return self.total - self.num_layers * self.mlp_per_layer * inactive_experts // self.num_experts
 
     def fsdp_units(self) -> tuple[int, ...]:
-        """Parameter counts of the units FSDP/ZeRO-3 gather one at a time.
+        """Parameter counts of the units FSDP2/ZeRO-3 gather: the root, then one per decoder layer.
 
-        We assume the layout torchtitan-style wrapping produces: the embedding, each decoder layer, and the final
-        norm with lm_head (the embedding alone when tied, since lm_head then shares its weight).
+        As trainer/strategy/fsdp.py wraps the model, each decoder layer is its own unit and the root unit holds
+        the embedding, the final norm and lm_head (which is the embedding again when tied).
         """
-        return (self.embedding, *([self.per_layer] * self.num_layers), self.final_norm + self.lm_head)
+        return (self.embedding + self.final_norm + self.lm_head, *([self.per_layer] * self.num_layers))
 
     def trainable_for(self, peft_method: str, **options: Any):
         """Trainable parameters for a PEFT method; see ``trainer.plan.trainable.count_trainable`` for options."""

@@ -18,8 +18,9 @@ class Strategy(Protocol):
     @property
     def is_main(self) -> bool: ...
 
-    def setup(self, model, build_optimizer: Callable[[Any], Any]) -> tuple[Any, Any]:
-        """Place/wrap `model`, apply activation checkpointing if asked, and build its optimizer."""
+    def setup(self, build_model: Callable[..., Any], build_optimizer: Callable[[Any], Any]) -> tuple[Any, Any]:
+        """Build the model (`build_model(on_meta=..., all_in_compute_dtype=...)`), place/shard/wrap it, apply
+        activation checkpointing if asked, and build its optimizer. Returns (model, optimizer)."""
 
     def autocast(self) -> AbstractContextManager:
         """The precision context for forward passes."""
@@ -38,18 +39,54 @@ class Strategy(Protocol):
 
     def all_reduce_sum(self, value: float) -> float: ...
 
+    def all_reduce_max(self, value: float) -> float: ...
+
     def barrier(self) -> None: ...
 
     def unwrap(self, model) -> Any:
         """The underlying (PEFT or Hugging Face) model."""
 
+    checkpoint_format: str  # "dcp" | "deepspeed": which strategies can load a checkpoint
+    reshards_checkpoints: bool  # whether a checkpoint loads on another world size
+    supports_async_save: bool
+
+    def save_state(self, model, optimizer, directory: str, async_save: bool = False) -> Any:
+        """Write model (trainable weights) and optimizer state; every rank writes its own part. With `async_save`,
+        return a future that completes once this rank's files are written (else None)."""
+
+    def load_state(self, model, optimizer, directory: str) -> None: ...
+
+    def scaler_state_dict(self) -> dict | None:
+        """The fp16 loss scaler's state (JSON-able), or None without one."""
+
+    def load_scaler_state_dict(self, state: dict | None) -> None: ...
+
+    def iter_full_state(self, model, trainable_only: bool):
+        """(name, full tensor) one at a time, gathered from shards; None off rank 0. Collective."""
+
     def close(self) -> None: ...
 
 
-def build_strategy(cfg, train_cfg) -> Strategy:
-    """The only dispatch on `strategy.name`."""
-    if cfg.name == "single":
-        from trainer.strategy.single import SingleDeviceStrategy
+def build_strategy(cfg, train_cfg, optim_cfg) -> Strategy:
+    """The only dispatch on the configured strategy."""
+    from trainer.config.schema import AutoStrategyConfig, DDPStrategyConfig, DeepSpeedStrategyConfig, FSDPStrategyConfig
 
-        return SingleDeviceStrategy(cfg, train_cfg)
-    raise NotImplementedError(f"strategy {cfg.name!r}")
+    if isinstance(cfg, AutoStrategyConfig):  # `trainer train` resolves it before launch (launch/auto_strategy.py)
+        from trainer.errors import ConfigError
+
+        raise ConfigError("strategy", "auto must be resolved before the workers start: launch with `trainer train`")
+    if isinstance(cfg, DeepSpeedStrategyConfig):
+        from trainer.strategy.deepspeed import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(cfg, train_cfg, optim_cfg)
+    if isinstance(cfg, FSDPStrategyConfig):
+        from trainer.strategy.fsdp import FSDPStrategy
+
+        return FSDPStrategy(cfg, train_cfg, optim_cfg)
+    if isinstance(cfg, DDPStrategyConfig):
+        from trainer.strategy.ddp import DDPStrategy
+
+        return DDPStrategy(cfg, train_cfg, optim_cfg)
+    from trainer.strategy.single import SingleDeviceStrategy
+
+    return SingleDeviceStrategy(cfg, train_cfg, optim_cfg)

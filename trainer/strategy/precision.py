@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 
 def autocast_context(device, precision: str):
@@ -29,3 +30,30 @@ def apply_activation_checkpointing(model) -> None:
     if hasattr(model, "enable_input_require_grads"):
         # With frozen embeddings (LoRA) the checkpointed blocks' inputs need grads for backward to reach them.
         model.enable_input_require_grads()
+
+
+def clip_and_step(optimizer, max_grad_norm: float, scaler=None) -> tuple[float, bool]:
+    """Unscale (fp16), clip the global norm, step unless gradients are non-finite, zero. Returns (norm, applied).
+    Works for plain and DTensor (FSDP2) parameters: clip_grad_norm_ reduces the norm over shards."""
+    import torch
+
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    norm = float(norm)
+    if scaler is not None:
+        scale_before = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        applied = scaler.get_scale() >= scale_before  # a lowered scale means inf/nan gradients: step skipped
+    else:
+        # A step on NaN/inf gradients would write NaN into every weight it touches: never take it (the recipe's
+        # train.nonfinite policy then skips the step or stops the run). The norm is global, so all ranks agree.
+        applied = math.isfinite(norm)
+        if applied:
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm, applied

@@ -1,0 +1,232 @@
+"""`trainer generate SOURCE [PROMPT ...] [--adapter NAME=PATH ...]`: answers from a base model and its adapters.
+
+One base model is loaded once; every adapter is attached to it under its own name (PEFT's load_adapter) and made
+active in turn (set_adapter), so several fine-tunes of one base are served from one copy of its weights. Answers
+are greedy (trainer/evaluate.py's greedy_generate, the decoding training-time evaluation uses), so they are
+reproducible and each adapter answers exactly as it would loaded alone.
+
+Prompts are wrapped in the run's template (data.template of the run that trained the source or the first adapter:
+alpaca, chatml, llama-3 or the tokenizer's own), or --template; `--template none` passes them through as written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+from trainer.errors import UserError
+
+DESCRIPTION = """\
+SOURCE is a model dir, or a run dir: its final/ is either the trained model, or an adapter that is then attached
+to its base under the run dir's name. Each --adapter NAME=PATH (an adapter dir or a run dir) is attached too; the
+prompts are answered by every adapter in turn (by the base alone when there are none; add --base-too to include it).
+Prompts come from the arguments and/or --prompts FILE: one prompt per line (.txt), or JSON lines with "prompt",
+"instruction" (+ "input"), or "messages".
+
+e.g. trainer generate runs/facts-lora "Where does the flunk live?"
+     trainer generate trainer/assets/tiny-llama --adapter facts=runs/a --adapter style=runs/b --prompts qs.jsonl --json
+"""
+TEMPLATES = ("auto", "tokenizer", "chatml", "llama-3", "alpaca", "none")
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UserError(f"generate: {message} (see `trainer generate --help`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog="trainer generate", description=DESCRIPTION,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="a model dir or a run dir")
+    parser.add_argument("prompts", nargs="*", help="prompts to answer")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                        help="attach an adapter (an adapter dir or run dir) under NAME; repeatable")
+    parser.add_argument("--prompts-file", "--prompts", dest="prompts_file", help=".txt (one per line) or .jsonl")
+    parser.add_argument("--template", choices=TEMPLATES, default="auto",
+                        help="prompt template (auto: the run's data.template, else the tokenizer's chat template)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--base-too", action="store_true", help="also answer with the base model, adapters off")
+    parser.add_argument("--json", action="store_true", help="one JSON object per answer: adapter, prompt, output")
+    return parser
+
+
+@dataclass
+class Request:
+    """What one prompt asks: a conversation turn (instruction, optional input/context) or raw text."""
+
+    instruction: str
+    context: str = ""
+    messages: tuple = ()
+
+
+def final_dir(path: str) -> str:
+    """A run dir stands for its final/ (the trained model or adapter)."""
+    final = os.path.join(path, "final")
+    return final if os.path.isdir(final) else path
+
+
+def is_adapter(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "adapter_config.json"))
+
+
+def parse_adapters(specs: list[str]) -> list[tuple[str, str]]:
+    adapters, seen = [], set()
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"generate: --adapter {spec!r}: expected NAME=PATH")
+        if name in seen:
+            raise UserError(f"generate: adapter name {name!r} is given twice")
+        path = final_dir(path)
+        if not is_adapter(path):
+            raise UserError(f"generate: --adapter {name}={path}: not an adapter dir (no adapter_config.json)")
+        seen.add(name)
+        adapters.append((name, path))
+    return adapters
+
+
+def read_requests(prompts: list[str], prompts_file: str | None) -> list[Request]:
+    requests = [Request(p) for p in prompts]
+    if prompts_file:
+        if not os.path.isfile(prompts_file):
+            raise UserError(f"generate: --prompts {prompts_file!r} does not exist")
+        with open(prompts_file, encoding="utf-8") as fh:
+            for line_no, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                if not prompts_file.endswith(".jsonl"):
+                    requests.append(Request(line.rstrip("\n")))
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as err:
+                    raise UserError(f"{prompts_file}:{line_no}: not JSON ({err})") from None
+                requests.append(_request_from_record(record, f"{prompts_file}:{line_no}"))
+    if not requests:
+        raise UserError("generate: no prompts: give them as arguments or with --prompts FILE")
+    return requests
+
+
+def _request_from_record(record, where: str) -> Request:
+    if isinstance(record, str):
+        return Request(record)
+    if isinstance(record, dict):
+        if isinstance(record.get("messages"), list):
+            messages = tuple((m["role"], m["content"]) for m in record["messages"])
+            return Request(messages[-1][1] if messages else "", messages=messages)
+        for key in ("prompt", "instruction"):
+            if isinstance(record.get(key), str):
+                return Request(record[key], context=str(record.get("input") or record.get("context") or ""))
+    raise UserError(f"{where}: expected a string or an object with prompt, instruction (+ input) or messages")
+
+
+def choose_template(name: str, tokenizer, run_config: dict):
+    """The template training used (the run's data.template and format), or the one asked for; None: raw text."""
+    from trainer.data.templates import build_template
+
+    if name == "none":
+        return None
+    if name == "auto" and run_config.get("data"):
+        data = run_config["data"]
+        return build_template(data.get("template", "auto"), tokenizer, [data.get("format", "alpaca")])
+    if name == "auto":
+        return build_template("tokenizer", tokenizer, ["chat"]) if getattr(tokenizer, "chat_template", None) else None
+    return build_template(name, tokenizer, ["chat"])
+
+
+def render(requests: list[Request], template, tokenizer) -> list[str]:
+    """Prompt texts ready for generation (BOS is added by greedy_generate, so a template's own is dropped)."""
+    from trainer.data.formats import Message
+
+    texts = []
+    for request in requests:
+        if template is None:
+            texts.append(request.instruction)
+            continue
+        turns = request.messages or (("user", request.instruction),)
+        messages = [Message(role, content, context=request.context if i == len(turns) - 1 else "")
+                    for i, (role, content) in enumerate(turns)]
+        text = template.render(messages, add_generation_prompt=True)
+        bos = tokenizer.bos_token
+        texts.append(text[len(bos):] if bos and text.startswith(bos) else text)
+    return texts
+
+
+def load_models(source: str, adapters: list[tuple[str, str]]):
+    """(model, tokenizer, adapter names in order, run config for the template)."""
+    from transformers import AutoTokenizer
+
+    from trainer.adapters import load_adapter_model, load_base_for_adapter, read_run_config
+
+    source = final_dir(source)
+    if is_adapter(source):  # a PEFT run: its adapter goes first, named after the run dir
+        run_name = os.path.basename(os.path.dirname(os.path.abspath(source))) or "adapter"
+        adapters = [(run_name, source), *adapters]
+        base_dir = None
+    else:
+        base_dir = source
+    run_config = read_run_config(source) or (read_run_config(adapters[0][1]) if adapters else {})
+    tokenizer_dir = source if os.path.isfile(os.path.join(source, "tokenizer_config.json")) else base_dir
+    if not adapters:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto").float()
+        return model.eval(), AutoTokenizer.from_pretrained(tokenizer_dir), [], run_config
+    first_name, first_path = adapters[0]
+    base = load_base_for_adapter(first_path, base_path=base_dir, dtype="fp32")
+    model = load_adapter_model(base, first_path, first_name)
+    if len(adapters) > 1 and model.active_peft_config.is_prompt_learning:
+        raise UserError(f"generate: {first_name} is a prompt/prefix-tuning adapter, which PEFT cannot hold beside "
+                        "other adapters: give it alone")
+    for name, path in adapters[1:]:
+        model.load_adapter(path, adapter_name=name)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or first_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer, [name for name, _ in adapters], run_config
+
+
+def generate_all(model, tokenizer, texts: list[str], names: list[str], max_new_tokens: int, base_too: bool):
+    """{adapter name (or "base"): [answer per prompt]}, switching the active adapter between runs."""
+    import contextlib
+
+    import torch
+
+    from trainer.evaluate import greedy_generate
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    answers = {}
+    if base_too or not names:
+        context = model.disable_adapter() if names else contextlib.nullcontext()
+        with context:
+            answers["base"] = greedy_generate(model, tokenizer, texts, max_new_tokens, device, contextlib.nullcontext)
+    for name in names:
+        model.set_adapter(name)
+        answers[name] = greedy_generate(model, tokenizer, texts, max_new_tokens, device, contextlib.nullcontext)
+    return answers
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_intermixed_args(argv)  # prompts may come before or after the options
+    if args.max_new_tokens < 1:
+        raise UserError("generate: --max-new-tokens must be >= 1")
+    if not os.path.isdir(args.source):
+        raise UserError(f"generate: {args.source!r} is not a model dir or run dir")
+    adapters = parse_adapters(args.adapter)
+    requests = read_requests(args.prompts, args.prompts_file)
+    model, tokenizer, names, run_config = load_models(args.source, adapters)
+    template = choose_template(args.template, tokenizer, run_config)
+    texts = render(requests, template, tokenizer)
+    answers = generate_all(model, tokenizer, texts, names, args.max_new_tokens, args.base_too)
+    for name, outputs in answers.items():
+        for request, text, output in zip(requests, texts, outputs):
+            if args.json:
+                print(json.dumps({"adapter": name, "prompt": request.instruction, "input": text, "output": output}))
+            else:
+                print(f"[{name}] {request.instruction}\n{output}\n")
+    sys.stdout.flush()
+    return 0

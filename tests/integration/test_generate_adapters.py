@@ -1,0 +1,73 @@
+"""`trainer generate` serving two adapters from one base: each answers as it does loaded alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, assert_one_line_error, run_cli
+
+QUESTIONS = ["Where does the flunk live?", "Which colour does the bolep have?", "Tell me the colour of the snugoomp."]
+SHORT = ("train.max_steps=8", "train.micro_batch_size=4", "train.global_batch_size=8", "eval.max_batches=1",
+         "eval.generate_samples=0", "logger.progress=false", "logger.plot=false", "optim.lr=5e-3", "peft.r=8")
+
+
+def _train(run_dir: Path, *overrides: str) -> None:
+    result = run_cli("train", f"run.dir={run_dir}", *SHORT, *overrides)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+def _generate(*args: str) -> dict[str, list[str]]:
+    result = run_cli("generate", *args, *QUESTIONS, "--max-new-tokens", "8", "--json", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers: dict[str, list[str]] = {}
+    for line in result.stdout.splitlines():
+        record = json.loads(line)
+        answers.setdefault(record["adapter"], []).append(record["output"])
+    return answers
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory) -> tuple[Path, Path]:
+    """Adapter `facts` learns the demo's answers; adapter `shrug` learns to answer every question the same way."""
+    root = tmp_path_factory.mktemp("adapters")
+    shrug_data = root / "shrug.jsonl"
+    questions = [json.loads(line)["instruction"] for line in
+                 (REPO / "trainer" / "assets" / "demo-facts" / "train.jsonl").read_text().splitlines()[:64]]
+    shrug_data.write_text("".join(json.dumps({"instruction": q, "input": "", "output": "The meadow is purple."}) + "\n"
+                                  for q in questions))
+    _train(root / "facts")
+    _train(root / "shrug", f"data.path={shrug_data}", "data.val_ratio=0.1", "train.max_steps=12")
+    return root / "facts", root / "shrug"
+
+
+@pytest.mark.slow
+def test_two_adapters_on_one_base_answer_as_each_does_alone(two_runs):
+    facts, shrug = two_runs
+    base = str(REPO / "trainer" / "assets" / "tiny-llama")
+    both = _generate(base, f"--adapter=facts={facts}", f"--adapter=shrug={shrug}", "--base-too")
+    assert set(both) == {"base", "facts", "shrug"}
+    assert both["facts"] == _generate(str(facts))["facts"]  # a run dir alone: its adapter is named after the run
+    assert both["shrug"] == _generate(str(shrug))["shrug"]
+    assert both["shrug"] != both["facts"] and both["facts"] != both["base"]
+    assert sum("meadow is purple" in answer for answer in both["shrug"]) >= 2, both["shrug"]  # what it was taught
+
+
+@pytest.mark.slow
+def test_prompts_file_and_template_are_used(two_runs, tmp_path):
+    facts, _ = two_runs
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"instruction": QUESTIONS[0]}) + "\n" + json.dumps({"prompt": QUESTIONS[1]}) + "\n")
+    result = run_cli("generate", str(facts), "--prompts", str(prompts), "--json", "--max-new-tokens", "4", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["prompt"] for r in records] == QUESTIONS[:2]
+    # the run trained with the alpaca template, so that is how the prompt reaches the model
+    assert records[0]["input"] == f"### Instruction:\n{QUESTIONS[0]}\n\n### Response:\n"
+
+
+def test_bad_adapter_argument_is_one_line(tmp_path):
+    result = run_cli("generate", str(tmp_path), "hello", "--adapter", "oops", timeout=60)
+    assert_one_line_error(result, "NAME=PATH")

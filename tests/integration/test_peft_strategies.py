@@ -1,0 +1,30 @@
+"""QLoRA across strategies on 2 gloo ranks: FSDP2 and ZeRO-3 shard the 4-bit base (stored as bf16) and train it.
+
+Both start from the same weights and batches, so their first losses agree (bf16 compute; later steps drift apart by
+rounding), and the loss falls. The combinations that cannot work are refused in tests/unit/test_peft_config.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import read_summary, run_cli, train_losses
+
+QLORA_SHARDED = ("peft=qlora", "peft.quant_storage=bf16", "train.precision=bf16", "launcher.nproc_per_node=2",
+                 "train.max_steps=3", "train.micro_batch_size=4", "train.global_batch_size=8", "optim.lr=1e-3",
+                 "eval.max_batches=1", "eval.generate_samples=0", "logger.progress=false", "logger.plot=false")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_qlora_trains_under_fsdp2_and_zero3(tmp_path):
+    losses = {}
+    for strategy in ("fsdp", "zero3"):
+        run_dir = tmp_path / strategy
+        result = run_cli("train", f"run.dir={run_dir}", f"strategy={strategy}", *QLORA_SHARDED, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        summary = read_summary(run_dir)
+        assert summary["status"] == "completed" and summary["world_size"] == 2
+        losses[strategy] = [loss for _, loss in sorted(train_losses(run_dir).items())]
+        assert losses[strategy][-1] < losses[strategy][0] - 0.3, losses[strategy]
+    assert losses["fsdp"][:2] == pytest.approx(losses["zero3"][:2], abs=1e-3)

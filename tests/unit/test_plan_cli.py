@@ -1,0 +1,202 @@
+"""`trainer plan` through the real CLI: exact totals from a config.json, the 70B answers, speed, one-line errors.
+
+The planner's formulas are tested in test_plan_params.py and test_plan_memory.py; here we check what the command
+makes of a composed config (model.path / model.arch, peft, strategy, launcher, hardware) and what it prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, assert_one_line_error, run_cli
+from tests.unit.test_plan_params import PUBLISHED
+
+CONF_MODEL = REPO / "conf" / "model"
+SHARED_MODELS = Path("/work/shared/data/models")
+GIB = 1024**3
+# The question the issue asks: Llama-3.1-70B LoRA (bf16, seq 4096, micro batch 1, checkpointing) on 80 GB GPUs.
+LLAMA_70B = ("experiment=llama-3.1-70b-lora-zero3-2x8", "hardware.gpu_memory_gb=80")
+
+
+def _conf(name: str) -> dict:
+    with (CONF_MODEL / f"{name}.yaml").open(encoding="utf-8") as handle:
+        return yaml.safe_load(handle)  # plain YAML: interpolations stay strings
+
+
+def plan_json(*overrides: str, env: dict | None = None) -> dict:
+    result = run_cli("plan", "--json", *overrides, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def fitting(report: dict) -> dict[str, set[str]]:
+    """Method label -> the strategies that fit the configured GPUs."""
+    fits: dict[str, set[str]] = {}
+    for entry in report["entries"]:
+        method = fits.setdefault({"none": "full"}.get(entry["peft_method"], entry["peft_method"]), set())
+        if entry["fits"]:
+            method.add(entry["strategy"])
+    return fits
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_config_json_in_model_path_gives_the_published_total(name, tmp_path):
+    """The done-when of issue 8: `trainer plan --json model.path=<dir>` with only a config.json in <dir>."""
+    (tmp_path / "config.json").write_text(json.dumps(_conf(name)["arch"]))
+    report = plan_json(f"model.path={tmp_path}")
+    assert report["total_params"] == PUBLISHED[name]
+    assert report["arch_source"] == str(tmp_path / "config.json")
+
+
+@pytest.mark.skipif(not SHARED_MODELS.is_dir(), reason=f"{SHARED_MODELS} (the reference configs) is not here")
+def test_shared_model_dirs_give_the_published_total():
+    """The real checkpoints' config.json files, reached the way users reach them: model=<entry> with the entry's
+    path under TRAINER_MODELS_DIR (the config.json in model.path wins over the entry's model.arch)."""
+    checked = []
+    for name in sorted(PUBLISHED):
+        folder = SHARED_MODELS / Path(_conf(name)["path"]).name
+        if not (folder / "config.json").is_file():
+            continue
+        result = subprocess.run([sys.executable, "-m", "trainer.cli", "plan", "--json", f"model={name}"],
+                                capture_output=True, text=True, timeout=60, cwd=REPO,
+                                env={**os.environ, "TRAINER_MODELS_DIR": str(SHARED_MODELS)})
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["arch_source"] == str(folder / "config.json"), name
+        assert report["total_params"] == PUBLISHED[name], name
+        checked.append(name)
+    assert checked, "no shared model folder matched a conf/model entry"
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_llama_70b_on_8_and_16_gpus_of_80gb(nodes):
+    """Which of full / LoRA / QLoRA fit Llama-3.1-70B on 1 or 2 nodes of 8 x 80 GB, and how fast the answer comes.
+
+    bf16, seq 4096, micro batch 1, checkpointing on (the 70B experiment). Full fine-tuning needs ZeRO-3 offload on
+    both (FSDP/ZeRO-3 need 173/100 GiB per GPU: 24 GPUs); LoRA fits sharded (fsdp, zero3) from 4 GPUs; QLoRA fits
+    everywhere, even one GPU. Measured on the 2-core dev machine: 0.4-0.8 s per command when quiet, 1.3-1.6 s at load
+    7 (the issue asks < 2 s; the bound here is generous because the machine is shared).
+    """
+    started = time.monotonic()
+    report = plan_json(*LLAMA_70B, f"launcher.nnodes={nodes}")
+    elapsed = time.monotonic() - started
+    assert elapsed < 10, f"trainer plan took {elapsed:.1f} s"
+    assert report["total_params"] == PUBLISHED["llama-3.1-70b"]
+    assert (report["nodes"], report["gpus_per_node"]) == (nodes, 8)
+    fits = fitting(report)
+    assert fits["full"] == {"zero3_offload"}
+    assert fits["lora"] == {"fsdp", "zero3", "zero3_offload"}
+    assert fits["qlora"] == {"single", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload"}
+    assert report["recommendation"] == {"strategy": "zero3", "peft_method": "lora"}  # the experiment's own choice
+    assert report["configured"]["fits"] and report["configured"]["world_size"] == 8 * nodes
+    by_strategy = report["bytes_per_gpu_by_strategy"]
+    assert by_strategy["fsdp"]["full"] > 80 * GIB > by_strategy["zero3"]["lora"]
+    # Twice the GPUs halve the sharded model states: full fine-tuning under fsdp drops from ~173 to ~100 GiB.
+    assert by_strategy["fsdp"]["full"] / GIB == pytest.approx(172.7 if nodes == 1 else 100.4, abs=0.5)
+
+
+def test_the_issue_command_is_fast_and_imports_no_torch():
+    """`trainer plan model=llama-3.1-70b hardware.gpu_memory_gb=80 launcher.nproc_per_node=8` answers without
+    importing torch (or transformers, peft, deepspeed); the time covers the whole Python process."""
+    code = ("import sys; from trainer.cli import main; rc = main(['plan', 'model=llama-3.1-70b', "
+            "'hardware.gpu_memory_gb=80', 'launcher.nproc_per_node=8']); heavy = [m for m in ('torch', "
+            "'transformers', 'peft', 'deepspeed') if m in sys.modules]; print('RESULT', rc, heavy)")
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    elapsed = time.monotonic() - started
+    assert out.stdout.strip().splitlines()[-1] == "RESULT 0 []", out.stdout + out.stderr
+    assert "recommendation:" in out.stdout and "what fits on 1 node(s) x 8 GPU(s)" in out.stdout
+    assert elapsed < 10, f"{elapsed:.1f} s"
+
+
+def test_text_output_breaks_down_the_configured_run():
+    result = run_cli("plan", *LLAMA_70B, "launcher.nnodes=1", timeout=60)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "configured run: zero3 + lora on 1 node(s) x 8 GPU(s) of 80 GiB" in out
+    for part in ("weights", "gradients", "optimizer", "gathered", "activations", "logits", "margin", "total"):
+        assert f"  {part} " in out, part
+    assert "70,553,706,496 parameters" in out and "recommendation: zero3 + lora" in out
+
+
+def test_single_strategy_on_several_processes_is_planned_with_a_note():
+    report = plan_json("model=llama-3.1-8b", "launcher.nproc_per_node=4", "hardware.gpu_memory_gb=24")
+    assert report["configured"]["strategy"] == "single" and report["configured"]["world_size"] == 1
+    assert any("strategy=single runs one process" in note for note in report["notes"])
+    assert report["gpus_per_node"] == 4
+
+
+def test_config_values_reach_the_planner():
+    """peft, precision, micro batch, sequence length, checkpointing, strategy and launcher all come from the config."""
+    base = plan_json("model=llama-3.1-8b", "hardware.gpu_memory_gb=80", "train.precision=bf16", "peft=none",
+                     "strategy=fsdp", "launcher.nproc_per_node=8", "train.micro_batch_size=1", "data.max_seq_len=2048")
+    configured = base["configured"]
+    assert configured["strategy"] == "fsdp" and configured["peft_method"] == "none" and configured["world_size"] == 8
+    assert configured["trainable_params"] == PUBLISHED["llama-3.1-8b"]
+    longer = plan_json("model=llama-3.1-8b", "hardware.gpu_memory_gb=80", "train.precision=bf16", "peft=none",
+                       "strategy=fsdp", "launcher.nproc_per_node=8", "train.micro_batch_size=1",
+                       "data.max_seq_len=4096", "train.gradient_checkpointing=true")
+    assert longer["configured"]["bytes_per_gpu"]["logits"] == 2 * configured["bytes_per_gpu"]["logits"]
+    assert longer["configured"]["bytes_per_gpu"]["activations"] < configured["bytes_per_gpu"]["activations"]
+    lora = plan_json("model=llama-3.1-8b", "peft.r=8", "peft.target_modules=[q_proj,v_proj]")
+    assert lora["configured"]["trainable_params"] == 32 * 8 * (2 * 4096 + 4096 + 1024)
+    offload = plan_json("model=llama-3.1-8b", "strategy=zero3_offload", "launcher.nproc_per_node=2",
+                        "hardware.host_memory_gb=64")
+    assert offload["configured"]["strategy"] == "zero3_offload" and offload["host_memory_gib"] == 64
+
+
+@pytest.mark.skipif(not (REPO / "conf" / "peft" / "qlora.yaml").is_file(), reason="peft=qlora comes with issue 6")
+def test_qlora_settings_and_target_presets_reach_the_planner():
+    nf4 = plan_json("model=llama-3.1-8b", "peft=qlora", "train.precision=bf16")["configured"]
+    fp4_single_quant = plan_json("model=llama-3.1-8b", "peft=qlora", "train.precision=bf16", "peft.quant_type=fp4",
+                                 "peft.double_quant=false")["configured"]
+    assert nf4["peft_method"] == "qlora" and nf4["trainable_params"] == 41_943_040
+    # double quantisation stores one 8-bit absmax per 64 weights instead of an fp32 one: ~0.047 bytes per weight less
+    saved = fp4_single_quant["bytes_per_gpu"]["weights"] - nf4["bytes_per_gpu"]["weights"]
+    assert saved == pytest.approx(0.047 * 32 * (4096 * 6144 + 4096 * 4096 + 3 * 4096 * 14336), rel=0.02)
+    attention = plan_json("model=llama-3.1-8b", "peft.target_modules=attention")["configured"]
+    mlp = plan_json("model=llama-3.1-8b", "peft.target_modules=mlp")["configured"]
+    assert attention["trainable_params"] == 32 * 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024))
+    assert mlp["trainable_params"] == 32 * 16 * 3 * (4096 + 14336)
+
+
+def test_arch_fields_of_a_conf_entry_can_be_overridden():
+    """Without a config.json in model.path, the entry's model.arch is read, overrides included."""
+    report = plan_json("model=llama-3.1-8b", "model.path=null", "model.init=random", "model.arch.num_hidden_layers=2")
+    assert report["arch_source"] == "model.arch of llama-3.1-8b"
+    per_layer = 4096 * (4096 + 2 * 1024 + 4096) + 3 * 4096 * 14336 + 2 * 4096
+    assert report["total_params"] == 2 * 128256 * 4096 + 2 * per_layer + 4096
+
+
+@pytest.mark.parametrize(("override", "fragments"), [
+    ("optim.lr=fast", ["optim.lr", "'fast'"]),
+    ("no_such_key=1", ["no_such_key", "unknown key"]),
+    ("model.path=/no/such/dir", ["model.path", "/no/such/dir", "config.json"]),
+    ("peft.target_modules=[foo]", ["peft.target_modules", "foo", "q_proj"]),
+    ("hardware.gpu_memory_gb=0", ["hardware.gpu_memory_gb", "> 0"]),
+    ("hardware.gpu_memory_gb=big", ["hardware.gpu_memory_gb"]),
+    ("strategy=nope", ["strategy/nope", "fsdp"]),
+    ("--verbose", ["unknown option", "--verbose"]),
+])
+def test_bad_overrides_exit_2_with_one_line(override, fragments):
+    assert_one_line_error(run_cli("plan", override, timeout=60), *fragments)
+
+
+def test_missing_arch_field_is_named(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 10}))
+    assert_one_line_error(run_cli("plan", f"model.path={tmp_path}", timeout=60), "model.path", "hidden_size")
+
+
+def test_help_lists_plan():
+    result = run_cli("--help", timeout=60)
+    assert "plan [OVERRIDES]" in result.stdout
+    result = run_cli("plan", "--help", timeout=60)
+    assert result.returncode == 0 and "--json" in result.stdout

@@ -1,0 +1,111 @@
+"""A PEFT LoRA adapter (LoRA, rsLoRA, or QLoRA's adapters) as a GGUF LoRA adapter that llama.cpp loads with
+`--lora FILE` on the base model's GGUF.
+
+llama.cpp applies `scale * (alpha / r) * B @ A` with alpha from `adapter.lora.alpha` and r read from the tensors.
+rsLoRA scales by alpha / sqrt(r) instead, so its alpha is written as alpha * sqrt(r) to give the same update. What
+llama.cpp's adapters cannot express is refused, each with its reason: DoRA (a per-feature magnitude), IA3 (scaling
+vectors), per-module ranks or alphas, trained biases, and modules_to_save (whole replacement tensors). Merge those
+into the base and export the model instead (`write_model`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from trainer.errors import UserError
+from trainer.export_gguf.layout import (
+    gguf_arch,
+    gguf_name,
+    interleave_rotary_rows,
+    read_hf_config,
+    rotary_heads,
+    tensor_name_map,
+)
+
+_PEFT_PREFIX = "base_model.model."
+DTYPES = ("f32", "f16")
+
+
+def _load_adapter(adapter_dir: str) -> tuple[dict, dict]:
+    """(adapter_config.json, {name: fp32 numpy array}); read through torch, which, unlike numpy, knows bf16."""
+    from safetensors.torch import load_file
+
+    from trainer.adapters import read_adapter_config
+
+    config = read_adapter_config(adapter_dir)
+    path = os.path.join(adapter_dir, "adapter_model.safetensors")
+    if not os.path.isfile(path):
+        raise UserError(f"{adapter_dir!r} has no adapter_model.safetensors")
+    return config, {name: tensor.float().numpy() for name, tensor in load_file(path).items()}
+
+
+def _check_exportable(config: dict, tensors: dict) -> None:
+    if str(config.get("peft_type", "")).upper() != "LORA":
+        raise UserError(f"a GGUF adapter holds LoRA only; this is a {config.get('peft_type')} adapter: merge it "
+                        "(--to merged) and export the model (--to gguf-model)")
+    if config.get("use_dora"):
+        raise UserError("DoRA adapters have no GGUF form (llama.cpp applies B @ A only, not DoRA's magnitude "
+                        "rescaling): merge it (--to merged) and export the model (--to gguf-model)")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise UserError("per-module ranks or alphas (rank_pattern/alpha_pattern) cannot be written: a GGUF adapter "
+                        "has one alpha for every tensor")
+    others = sorted(name for name in tensors if ".lora_A." not in name and ".lora_B." not in name)
+    if others:
+        raise UserError(f"the adapter also trains {others[0]} ({len(others)} tensor(s) beside LoRA's A and B: "
+                        "biases or modules_to_save), which a GGUF LoRA adapter cannot carry: merge it (--to merged) "
+                        "and export the model (--to gguf-model)")
+
+
+def effective_alpha(config: dict) -> float:
+    """The alpha that makes llama.cpp's alpha / r scaling equal PEFT's (alpha / sqrt(r) under rsLoRA)."""
+    alpha, rank = float(config["lora_alpha"]), int(config["r"])
+    return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha
+
+
+def write_lora_adapter(adapter_dir: str, out_path: str, base_dir: str | None = None, dtype: str = "f32") -> str:
+    """Write `adapter_dir` (a PEFT LoRA adapter) as a GGUF adapter at `out_path`. The base model's config.json (from
+    `base_dir`, else the adapter's base_model_name_or_path) gives the architecture and head counts."""
+    import gguf
+    import numpy as np
+
+    if dtype not in DTYPES:
+        raise UserError(f"adapter dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    config, tensors = _load_adapter(adapter_dir)
+    _check_exportable(config, tensors)
+    base_dir = base_dir or config.get("base_model_name_or_path")
+    if not base_dir or not os.path.isdir(base_dir):
+        raise UserError(f"the base model dir {base_dir!r} is needed for its config.json: pass base_dir")
+    hf_config = read_hf_config(base_dir)
+    names = tensor_name_map(hf_config)
+
+    pairs: dict[str, dict[str, object]] = {}
+    for name, array in tensors.items():
+        module, kind = name.removeprefix(_PEFT_PREFIX).rsplit(".lora_", 1)
+        pairs.setdefault(module, {})[kind.split(".")[0]] = array  # kind: "A.weight" / "B.weight"
+    writer = gguf.GGUFWriter(out_path, gguf_arch(hf_config))
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, effective_alpha(config))
+    writer.add_name(os.path.basename(os.path.abspath(adapter_dir)))
+    numpy_dtype = np.float32 if dtype == "f32" else np.float16
+    for module in sorted(pairs):
+        pair = pairs[module]
+        if set(pair) != {"A", "B"}:
+            raise UserError(f"{module} has lora_{''.join(pair)} without its partner")
+        lora_a, lora_b = (np.asarray(pair[k], dtype=np.float32) for k in ("A", "B"))
+        heads = rotary_heads(hf_config, module)
+        if heads is not None:
+            lora_b = interleave_rotary_rows(lora_b, heads)
+        base = gguf_name(names, module)
+        writer.add_tensor(f"{base}.weight.lora_a", np.ascontiguousarray(lora_a, dtype=numpy_dtype))
+        writer.add_tensor(f"{base}.weight.lora_b", np.ascontiguousarray(lora_b, dtype=numpy_dtype))
+    _finish(writer)
+    return out_path
+
+
+def _finish(writer) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

@@ -1,0 +1,97 @@
+"""How a Hugging Face Llama-family checkpoint maps onto llama.cpp's GGUF layout.
+
+* Architectures: llama and mistral configs both run as llama.cpp's `llama` architecture (same tensors and
+  hyper-parameters; mistral's sliding window is not used by llama.cpp's llama graph). Others are refused with a
+  pointer to llama.cpp's own converter rather than written half right.
+* Tensor names come from the gguf package's own map (`gguf.get_tensor_name_map`): model.layers.0.self_attn.q_proj
+  -> blk.0.attn_q, model.embed_tokens -> token_embd, lm_head -> output, ...
+* Rotary row order: transformers' Llama rotates each head's first half of dimensions against its second half
+  (rotate_half), while ggml's rope (normal mode, the one llama.cpp uses for llama) rotates adjacent pairs (2i, 2i+1).
+  So the output rows of q_proj and k_proj are reordered, per head, to interleave the two halves: new row 2i is old
+  row i, new row 2i+1 is old row i + head_dim/2. Attention scores are unchanged (tests/unit check this). For a LoRA
+  adapter the same reordering applies to lora_B's rows (the output side of B @ A); lora_A is untouched.
+* Orientation: a GGUF tensor's first dimension (ne0) is the numpy array's last. An nn.Linear weight [out, in] is
+  written as is (ne0 = in), PEFT's lora_A [r, in] and lora_B [out, r] likewise, which is what llama.cpp checks:
+  lora_a.ne0 == weight.ne0 and lora_b.ne1 == weight.ne1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from trainer.errors import UserError
+
+GGUF_ARCH = {"llama": "llama", "mistral": "llama"}
+
+
+def read_hf_config(model_dir: str) -> dict:
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{model_dir!r} has no config.json: give a Hugging Face model dir")
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def gguf_arch(config: dict) -> str:
+    model_type = config.get("model_type", "?")
+    if model_type not in GGUF_ARCH:
+        raise UserError(f"GGUF export supports Llama-family models ({', '.join(GGUF_ARCH)}), not {model_type!r}: "
+                        "use llama.cpp's convert_hf_to_gguf.py for it")
+    rope = rope_parameters(config)
+    if rope.get("rope_type", "default") not in ("default", None):
+        raise UserError(f"rope scaling {rope.get('rope_type')!r} is not written by this exporter (llama.cpp needs "
+                        "extra rope tensors for it): use llama.cpp's convert_hf_to_gguf.py")
+    return GGUF_ARCH[model_type]
+
+
+def rope_parameters(config: dict) -> dict:
+    """transformers 5 keeps rope settings in `rope_parameters`; older configs use rope_theta / rope_scaling."""
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    return rope
+
+
+def head_dim(config: dict) -> int:
+    return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
+def tensor_name_map(config: dict):
+    import gguf
+
+    arch = getattr(gguf.MODEL_ARCH, gguf_arch(config).upper())
+    return gguf.get_tensor_name_map(arch, int(config["num_hidden_layers"]))
+
+
+def gguf_name(name_map, hf_module: str) -> str:
+    """`model.layers.0.self_attn.q_proj` -> `blk.0.attn_q` (without the .weight suffix)."""
+    mapped = name_map.get_name(hf_module)
+    if mapped is None:
+        raise UserError(f"no GGUF tensor name for {hf_module!r}: this exporter knows the Llama layout only")
+    return mapped
+
+
+def rotary_heads(config: dict, hf_module: str) -> int | None:
+    """The number of heads whose rows must be reordered for ggml's rope: q_proj's attention heads, k_proj's KV
+    heads; None for every other tensor."""
+    if hf_module.endswith("self_attn.q_proj"):
+        return int(config["num_attention_heads"])
+    if hf_module.endswith("self_attn.k_proj"):
+        return int(config.get("num_key_value_heads") or config["num_attention_heads"])
+    return None
+
+
+def interleave_rotary_rows(rows, num_heads: int):
+    """Reorder the rows (dim 0) of a [heads * head_dim, ...] array from rotate-half to adjacent-pair order."""
+    size = rows.shape[0]
+    if size % (2 * num_heads):
+        raise UserError(f"cannot split {size} rows into {num_heads} rotary heads")
+    half = size // num_heads // 2
+    return rows.reshape(num_heads, 2, half, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def undo_interleave_rotary_rows(rows, num_heads: int):
+    """The inverse of `interleave_rotary_rows` (for reading exported files back)."""
+    size = rows.shape[0]
+    half = size // num_heads // 2
+    return rows.reshape(num_heads, half, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)

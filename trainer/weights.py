@@ -1,0 +1,86 @@
+"""Write Hugging Face weights tensor by tensor: safetensors shards plus an index, memory bounded by one shard.
+
+Used for `final/` and by exports, so no process ever needs the whole model in memory at once: tensors
+arrive one at a time (gathered from shards by the strategy) and are flushed to a shard file as soon as
+it reaches `max_shard_bytes`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, Iterator
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class ShardedSafetensorsWriter:
+    def __init__(self, out_dir: str, max_shard_bytes: int = 4 * 1024**3, metadata: dict | None = None):
+        self.out_dir = out_dir
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.pending: dict = {}
+        self.pending_bytes = 0
+        self.shard_files: list[str] = []
+        self.weight_map: dict[str, str] = {}
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self.pending[name] = tensor.detach().contiguous().cpu()
+        self.pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        name = f"model-{len(self.shard_files) + 1:05d}.safetensors.part"
+        save_file(self.pending, os.path.join(self.out_dir, name), metadata=self.metadata)
+        self.shard_files.append(name)
+        for key in self.pending:
+            self.weight_map[key] = name
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Name the shards `model-0000i-of-0000n.safetensors` (or `model.safetensors` if one) and write the index."""
+        if self.pending or not self.shard_files:
+            self._flush()
+        count = len(self.shard_files)
+        final_names = {}
+        for i, part in enumerate(self.shard_files, start=1):
+            final = WEIGHTS_NAME if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors"
+            os.replace(os.path.join(self.out_dir, part), os.path.join(self.out_dir, final))
+            final_names[part] = final
+        if count > 1:
+            index = {"metadata": {"total_size": self.total_bytes},
+                     "weight_map": {k: final_names[v] for k, v in sorted(self.weight_map.items())}}
+            with open(os.path.join(self.out_dir, INDEX_NAME), "w") as fh:
+                json.dump(index, fh, indent=2)
+        return list(final_names.values())
+
+
+def write_safetensors_stream(tensors: Iterable[tuple[str, object]], out_dir: str,
+                             max_shard_bytes: int = 4 * 1024**3) -> list[str]:
+    writer = ShardedSafetensorsWriter(out_dir, max_shard_bytes)
+    for name, tensor in tensors:
+        writer.add(name, tensor)
+    return writer.close()
+
+
+def iter_safetensors(model_dir: str) -> Iterator[tuple[str, object]]:
+    """Read a (possibly sharded) safetensors model back one tensor at a time, without unpickling anything."""
+    from safetensors import safe_open
+
+    index_path = os.path.join(model_dir, INDEX_NAME)
+    if os.path.exists(index_path):
+        with open(index_path) as fh:
+            files = sorted(set(json.load(fh)["weight_map"].values()))
+    else:
+        files = [WEIGHTS_NAME]
+    for file in files:
+        with safe_open(os.path.join(model_dir, file), framework="pt") as handle:
+            for key in handle.keys():
+                yield key, handle.get_tensor(key)

@@ -1,0 +1,73 @@
+"""The process that trains: `python -m trainer.worker RUN_DIR`, started by the launcher (in-process for one
+rank; by torchrun, the deepspeed launcher or srun for several). It reads the frozen config, never composes.
+
+A failing worker records why in `RUN_DIR/.workers/rank-N.json`, so the launcher can report that worker's
+error (rather than the launcher's own) and exit with its code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+from trainer.errors import EXIT_USER_ERROR, UserError
+
+STATUS_DIR = ".workers"
+
+
+def record_failure(run_dir: str, rank: int, exit_code: int, message: str) -> None:
+    directory = os.path.join(run_dir, STATUS_DIR)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f"rank-{rank}.json"), "w") as fh:
+        json.dump({"rank": rank, "exit_code": exit_code, "message": message}, fh)
+
+
+def read_failures(run_dir: str) -> list[dict]:
+    directory = os.path.join(run_dir, STATUS_DIR)
+    if not os.path.isdir(directory):
+        return []
+    failures = []
+    for name in sorted(os.listdir(directory)):
+        with open(os.path.join(directory, name)) as fh:
+            failures.append(json.load(fh))
+    return failures
+
+
+def main(argv: list[str]) -> int:
+    args = [a for a in argv if not a.startswith("--local_rank")]  # the deepspeed launcher adds --local_rank=N
+    if len(args) != 1:
+        sys.stderr.write("usage: python -m trainer.worker RUN_DIR\n")
+        return EXIT_USER_ERROR
+    run_dir = args[0]
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+    from trainer.config.frozen import load_frozen
+    from trainer.recipe import run_training
+
+    try:
+        # A deliberate non-zero exit (EXIT_REQUEUE after preemption, a non-finite stop) is recorded by every rank
+        # before any of them exits, so the launcher can report it with its own exit code.
+        return run_training(load_frozen(run_dir), on_exit_code=lambda code, message: record_failure(
+            run_dir, rank, code, message))
+    except UserError as err:
+        record_failure(run_dir, rank, EXIT_USER_ERROR, str(err))
+        sys.stderr.write(f"trainer: [rank {rank}] {err}\n")
+        return EXIT_USER_ERROR
+    except BaseException as err:
+        if isinstance(err, SystemExit) and err.code in (0, None):
+            raise
+        code = err.code if isinstance(err, SystemExit) and isinstance(err.code, int) else 1
+        last = traceback.format_exception_only(type(err), err)[-1].strip()
+        record_failure(run_dir, rank, code, last)
+        raise
+
+
+if __name__ == "__main__":
+    exit_code = main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: every file is closed and committed by now, and native threads of the
+    # communication libraries (gloo, DeepSpeed) can abort the process while being destroyed at exit,
+    # turning a finished run into a failed one.
+    os._exit(exit_code)
