@@ -40,6 +40,11 @@ def detect_devices(config) -> Devices:
     """The GPUs this run will use: hardware.gpu_memory_gb (simulated or stated) wins over the local devices."""
     launcher_world = int(getattr(config.launcher, "world_size", 1) or 1)
     stated = getattr(getattr(config, "hardware", None), "gpu_memory_gb", None)
+    if config.launcher.name != "local":  # a scheduler's nodes: their GPUs are not the ones visible here
+        if getattr(config.launcher, "gpus_per_node", 0) and stated is None:
+            raise ConfigError("hardware.gpu_memory_gb", f"strategy=auto with launcher={config.launcher.name} needs "
+                              "the compute nodes' GPU memory (GiB per GPU): they are not visible from here")
+        return Devices(launcher_world, float(stated) if stated is not None else None, f"launcher={config.launcher.name}")
     import torch
 
     local = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -52,3 +52,18 @@ def hydra_error_to_config_error(err: Exception) -> ConfigError | None:
         key = first.split("'")[1] if "'" in first else "override"
         first = "unknown key; check the spelling, or see `trainer train --cfg job` for the keys that exist"
     return ConfigError(str(key or "config"), first)
+
+
+def compose_train_config(overrides: list[str]):
+    """The raw composed `train` config for OVERRIDES (Hydra's compose API: no run dir, no job), errors as one line."""
+    from hydra import compose, initialize_config_dir
+
+    setup_hydra()
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose(config_name="train", overrides=overrides)
+    except Exception as err:  # Hydra's composition errors: word them as one line naming the key
+        config_error = hydra_error_to_config_error(err)
+        if config_error is None:
+            raise
+        raise config_error from None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 
-from launch.compose import CONF_DIR, hydra_error_to_config_error, setup_hydra
 from trainer.errors import EXIT_USER_ERROR, DataError
 
 USAGE = """\
@@ -29,21 +28,10 @@ NUM_SHOWN_SAMPLES = 2
 
 def compose(overrides: list[str]):
     """The validated `Config` that `trainer train OVERRIDES` would freeze (Hydra's compose API: no run dir)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
+    from launch.compose import compose_train_config
     from trainer.config.validate import to_config
 
-    setup_hydra()
-    try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = hydra_compose(config_name="train", overrides=overrides)
-    except Exception as err:  # Hydra's composition errors: word them as one line naming the key
-        config_error = hydra_error_to_config_error(err)
-        if config_error is None:
-            raise
-        raise config_error from None
-    return to_config(cfg)
+    return to_config(compose_train_config(overrides))
 
 
 def _shown_samples(data, tokenizer) -> list[str]:

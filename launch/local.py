@@ -51,7 +51,8 @@ def run_local(config: Config) -> int:
     from trainer.worker import STATUS_DIR, read_failures
 
     launcher = config.launcher
-    if launcher.world_size == 1 and launcher.backend == "torchrun":
+    # One rank of `single` runs in this process; other strategies need a process group, which torchrun sets up.
+    if launcher.world_size == 1 and launcher.backend == "torchrun" and config.strategy.name == "single":
         from trainer.recipe import run_training
 
         return run_training(config)

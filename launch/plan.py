@@ -19,7 +19,6 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from launch.compose import CONF_DIR, hydra_error_to_config_error, setup_hydra
 from trainer.errors import ConfigError, UserError
 
 USAGE = """\
@@ -62,33 +61,10 @@ def compose_sections(overrides: list[str]) -> dict[str, Any]:
     Each section runs its schema checks (one-line errors naming the key); the cross-group and file-system checks of
     `trainer train` do not run, because a plan must work for models and data that are not on this machine.
     """
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    from launch.compose import compose_train_config
+    from trainer.config.validate import validate_sections
 
-    from trainer.config.validate import _omegaconf_error_to_config_error
-
-    setup_hydra()
-    try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose(config_name="train", overrides=overrides)
-    except Exception as err:  # Hydra's composition errors: word them as one line naming the key
-        config_error = hydra_error_to_config_error(err)
-        if config_error is None:
-            raise
-        raise config_error from None
-    sections: dict[str, Any] = {}
-    for section in PLAN_SECTIONS:
-        try:
-            sections[section] = OmegaConf.to_object(cfg[section])
-        except ConfigError as err:
-            raise err.under(section) from None
-        except OmegaConfBaseException as err:
-            cause = err.__cause__ if isinstance(err.__cause__, ConfigError) else None
-            if cause is not None:
-                raise cause.under(section) from None
-            raise _omegaconf_error_to_config_error(err, section) from None
-    return sections
+    return validate_sections(compose_train_config(overrides), PLAN_SECTIONS)
 
 
 def read_model_arch(model) -> tuple[dict, str]:
@@ -110,6 +86,8 @@ def read_model_arch(model) -> tuple[dict, str]:
 def planned_strategy(strategy) -> tuple[str, list[str]]:
     """Our strategy config -> the planner's strategy name, with a note where the planner approximates it."""
     name = strategy.name
+    if name == "auto":
+        return "auto", ["strategy=auto: the fit table below shows what `trainer train` would choose from"]
     if name in ("single", "ddp"):
         return name, []
     if name == "fsdp":

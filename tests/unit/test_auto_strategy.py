@@ -94,3 +94,11 @@ def test_train_with_auto_freezes_the_concrete_choice(tmp_path):
     assert load_frozen(str(run_dir)).strategy.name == "single"
     assert json.loads((run_dir / AUTO_RECORD).read_text())["strategy"] == "single"
     assert read_summary(run_dir)["status"] == "completed"
+
+
+def test_scheduler_nodes_are_planned_from_the_launcher_and_hardware_settings(tmp_path):
+    common = ("strategy=auto", "launcher=slurm", "launcher.gpus_per_node=4", "launcher.nodes=2",
+              "train.micro_batch_size=4", "train.global_batch_size=32", f"run.dir={tmp_path}")
+    assert detect_devices(compose_config(*common, "hardware.gpu_memory_gb=80")) == Devices(8, 80.0, "launcher=slurm")
+    with pytest.raises(ConfigError, match="hardware.gpu_memory_gb"):
+        detect_devices(compose_config(*common))

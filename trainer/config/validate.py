@@ -34,10 +34,20 @@ def to_config(cfg: Any) -> Config:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
         raise _omegaconf_error_to_config_error(err, "") from None
-    sections: dict[str, Any] = {}
-    for section in SECTIONS:
+    config = Config(seed=cfg.seed, resume=cfg.resume, **validate_sections(cfg, SECTIONS))
+    check_cross_group(config)
+    return config
+
+
+def validate_sections(cfg: Any, sections: tuple[str, ...]) -> dict[str, Any]:
+    """Each named section of a composed config as its typed dataclass, its errors prefixed by the section."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    typed: dict[str, Any] = {}
+    for section in sections:
         try:
-            sections[section] = OmegaConf.to_object(cfg[section])
+            typed[section] = OmegaConf.to_object(cfg[section])
         except ConfigError as err:
             raise err.under(section) from None
         except OmegaConfBaseException as err:
@@ -45,9 +55,7 @@ def to_config(cfg: Any) -> Config:
             if cause is not None:
                 raise cause.under(section) from None
             raise _omegaconf_error_to_config_error(err, section) from None
-    config = Config(seed=cfg.seed, resume=cfg.resume, **sections)
-    check_cross_group(config)
-    return config
+    return typed
 
 
 def check_cross_group(config: Config) -> None:
