@@ -18,7 +18,10 @@ from trainer.errors import UserError
 def worker_command(launcher: LocalLauncherConfig, run_dir: str) -> list[str]:
     if launcher.backend == "deepspeed":
         host, port = launcher.rdzv_endpoint.rsplit(":", 1)
-        command = [shutil.which("deepspeed") or "deepspeed", f"--num_gpus={launcher.nproc_per_node}",
+        # The launcher script sits beside this interpreter in a venv that need not be on PATH.
+        beside = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+        command = [beside if os.path.exists(beside) else (shutil.which("deepspeed") or "deepspeed"),
+                   f"--num_gpus={launcher.nproc_per_node}",
                    f"--num_nodes={launcher.nnodes}", f"--master_addr={host}", f"--master_port={port}"]
         if launcher.hostfile:
             command.append(f"--hostfile={launcher.hostfile}")

@@ -57,8 +57,7 @@ def _free_port() -> int:
 
 
 def _one_rank_with_a_process_group() -> list[str]:
-    """One worker through the deepspeed launcher (the local launcher runs a one-rank torchrun job in-process, with
-    no process group, which FSDP2 needs), on a port of its own."""
+    """One worker through the deepspeed launcher (also exercising that launcher), on a port of its own."""
     return ["launcher.nproc_per_node=1", "launcher.backend=deepspeed",
             f"launcher.rdzv_endpoint=127.0.0.1:{_free_port()}"]
 
