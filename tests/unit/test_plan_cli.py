@@ -117,6 +117,31 @@ def test_the_issue_command_is_fast_and_imports_no_torch():
     assert elapsed < 10, f"{elapsed:.1f} s"
 
 
+REAL_SCALE_EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")
+                                if "\nhardware:" in p.read_text(encoding="utf-8"))
+
+
+def test_every_real_scale_experiment_names_its_hardware():
+    assert len(REAL_SCALE_EXPERIMENTS) >= 7, REAL_SCALE_EXPERIMENTS  # the six of the strategies issue + 8B QLoRA
+
+
+@pytest.mark.parametrize("experiment", REAL_SCALE_EXPERIMENTS)
+def test_each_shipped_experiment_fits_the_hardware_it_names(experiment):
+    """A shipped experiment that the planner says runs out of memory would cost its user a queue wait."""
+    report = plan_json(f"experiment={experiment}")
+    configured = report["configured"]
+    assert configured["fits"], (experiment, configured["bytes_per_gpu"]["total"] / GIB, report["gpu_memory_gib"])
+
+
+def test_single_gpu_qlora_experiment_is_one_24gb_card():
+    report = plan_json("experiment=llama-3.1-8b-qlora-1gpu")
+    configured = report["configured"]
+    assert (configured["strategy"], configured["peft_method"], configured["world_size"]) == ("single", "qlora", 1)
+    assert report["gpu_memory_gib"] == 24
+    # Neither LoRA on a bf16 base nor full fine-tuning fits that card: QLoRA is the reason this experiment exists.
+    assert report["bytes_per_gpu_by_strategy"]["single"]["lora"] > 24 * GIB
+
+
 def test_text_output_breaks_down_the_configured_run():
     result = run_cli("plan", *LLAMA_70B, "launcher.nnodes=1", timeout=60)
     assert result.returncode == 0, result.stderr

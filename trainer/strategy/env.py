@@ -62,9 +62,27 @@ def init_process_group(dist_env: DistEnv, timeout_s: float):
     if dist_env.distributed and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", dist_env.master_addr)
         os.environ.setdefault("MASTER_PORT", str(dist_env.master_port))
-        dist.init_process_group(backend, rank=dist_env.rank, world_size=dist_env.world_size,
-                                timeout=timedelta(seconds=timeout_s))
+        timeout = timedelta(seconds=timeout_s)
+        dist.init_process_group(backend, rank=dist_env.rank, world_size=dist_env.world_size, timeout=timeout,
+                                store=_store_for_this_attempt(dist_env, timeout))
     return device
+
+
+def _store_for_this_attempt(dist_env: DistEnv, timeout: timedelta):
+    """After a torchrun restart, a store whose keys are private to this attempt; else None (torch's default).
+
+    torchrun's c10d rendezvous keeps one TCPStore for the whole job and hands it to every attempt's workers
+    without a per-attempt prefix, so restarted workers can read the process-group addresses that the killed
+    workers published and fail with "Connection refused" instead of meeting each other.
+    """
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restart == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    import torch.distributed as dist
+
+    shared = dist.TCPStore(dist_env.master_addr, dist_env.master_port, dist_env.world_size, is_master=False,
+                           timeout=timeout)
+    return dist.PrefixStore(f"trainer/attempt-{restart}", shared)
 
 
 def all_reduce_sum(value: float, device) -> float:
