@@ -100,15 +100,15 @@ def choose(config, devices: Devices):
     if not config.strategy.allow_peft_fallback:
         raise ConfigError("strategy", f"auto: peft={config.peft.name} does not fit {devices.count} GPU(s) of "
                           f"{devices.memory_gib:g} GiB and strategy.allow_peft_fallback=false ({choice.reason})")
-    for variant in variants:
-        variant = {**variant, "precision": "bf16" if variant["precision"] == "fp32" else variant["precision"]}
+    lighter = [{**v, "precision": "bf16" if v["precision"] == "fp32" else v["precision"]} for v in variants]
+    for variant in lighter:
         choice = choose_auto_strategy(inputs.replace(**variant), devices.memory_gib, host)
         if choice.fits:
             return choice, variant
-    return choice, variants[-1]
+    return choice, lighter[-1]
 
 
-def _strategy_config(name: str):
+def strategy_config_for(name: str):
     from trainer.config import schema
 
     if name == "single":
@@ -121,7 +121,7 @@ def _strategy_config(name: str):
     return schema.DeepSpeedStrategyConfig(name=name, stage=int(name[-1]))
 
 
-def _peft_config(current, method: str, strategy: str, precision: str):
+def peft_config_for(current, method: str, strategy: str, precision: str):
     """The PEFT section for the chosen method: the configured one when it stays, else the new method's defaults
     carrying over LoRA's rank, alpha, dropout and targets. QLoRA on a sharding strategy stores its 4-bit weights in
     the dtype that strategy gathers in."""
@@ -149,7 +149,7 @@ def resolve_auto_strategy(config, devices: Devices | None = None, say: Callable[
     if devices.memory_gib is None:
         strategy = "fsdp" if devices.count > 1 else "single"
         precision, checkpointing = config.train.precision, config.train.gradient_checkpointing
-        peft = _peft_config(config.peft, config.peft.name, strategy, precision)
+        peft = peft_config_for(config.peft, config.peft.name, strategy, precision)
         record: dict[str, Any] = {"strategy": strategy, "peft": peft.name, "fits": None,
                                   "reason": f"{devices.source}: {strategy} on {devices.count} CPU process(es), "
                                             "nothing to plan memory for"}
@@ -159,7 +159,7 @@ def resolve_auto_strategy(config, devices: Devices | None = None, say: Callable[
         if not choice.fits:
             raise ConfigError("strategy", f"auto: nothing fits {devices.count} GPU(s) of {devices.memory_gib:g} GiB "
                               f"({devices.source}): {choice.reason}")
-        strategy, peft = choice.strategy, _peft_config(config.peft, choice.peft_method, choice.strategy, precision)
+        strategy, peft = choice.strategy, peft_config_for(config.peft, choice.peft_method, choice.strategy, precision)
         record = {"strategy": strategy, "peft": peft.name, "fits": True, "reason": choice.reason,
                   "bytes_per_gpu": choice.estimate.gpu_breakdown(), "host_bytes": choice.estimate.host_breakdown(),
                   "trainable_params": choice.estimate.trainable.total, "total_params": choice.estimate.params.total}
@@ -168,7 +168,7 @@ def resolve_auto_strategy(config, devices: Devices | None = None, say: Callable[
                                                                                              "nproc_per_node"):
         launcher = dataclasses.replace(launcher, nproc_per_node=devices.count)
     train = dataclasses.replace(config.train, precision=precision, gradient_checkpointing=checkpointing)
-    resolved = dataclasses.replace(config, strategy=_strategy_config(strategy), peft=peft, train=train,
+    resolved = dataclasses.replace(config, strategy=strategy_config_for(strategy), peft=peft, train=train,
                                    launcher=launcher)
     record.update(devices=dataclasses.asdict(devices), precision=precision, gradient_checkpointing=checkpointing,
                   processes=getattr(launcher, "world_size", 1), requested_peft=config.peft.name)

@@ -11,12 +11,14 @@ does not divide), the plan still answers and says so in a note: choosing the set
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 from trainer.errors import ConfigError, UserError
@@ -86,8 +88,6 @@ def read_model_arch(model) -> tuple[dict, str]:
 def planned_strategy(strategy) -> tuple[str, list[str]]:
     """Our strategy config -> the planner's strategy name, with a note where the planner approximates it."""
     name = strategy.name
-    if name == "auto":
-        return "auto", ["strategy=auto: the fit table below shows what `trainer train` would choose from"]
     if name in ("single", "ddp"):
         return name, []
     if name == "fsdp":
@@ -148,23 +148,37 @@ def local_gpu_memory_gib() -> float | None:
     return min(sizes_mib) / 1024 if sizes_mib else None
 
 
+def resolve_auto(sections: dict[str, Any], world: int, gpu_memory_gib: float, notes: list[str]) -> dict[str, Any]:
+    """strategy=auto as `trainer train` would resolve it on `world` GPUs of `gpu_memory_gib` (the same decision,
+    launch/auto_strategy.py's `choose`): the sections with the chosen strategy, PEFT method, precision and
+    checkpointing, and a note saying so. When nothing fits, the least-bad choice is planned and the note says so."""
+    from launch.auto_strategy import Devices, choose, peft_config_for, strategy_config_for
+
+    config = SimpleNamespace(**sections)
+    try:
+        choice, settings = choose(config, Devices(world, gpu_memory_gib, "plan"))
+    except ConfigError as err:  # allow_peft_fallback=false and the requested method does not fit
+        notes.append(f"strategy={err.message}")
+        return {**sections, "strategy": strategy_config_for("fsdp" if world > 1 else "single")}
+    precision = settings["precision"]
+    train = dataclasses.replace(sections["train"], precision=precision,
+                                gradient_checkpointing=settings["gradient_checkpointing"])
+    peft = peft_config_for(sections["peft"], choice.peft_method, choice.strategy, precision)
+    outcome = "what `trainer train` would run" if choice.fits else "nothing fits; the nearest miss is planned"
+    notes.append(f"strategy=auto -> {choice.strategy} + peft={peft.name}, train.precision={precision}, gradient "
+                 f"checkpointing {'on' if settings['gradient_checkpointing'] else 'off'} ({outcome}): {choice.reason}")
+    return {**sections, "strategy": strategy_config_for(choice.strategy), "peft": peft, "train": train}
+
+
 def build_request(sections: dict[str, Any]) -> PlanRequest:
     """Map the composed config onto the planner's inputs (trainer.plan.PlanInputs) and the GPUs to fit."""
     from trainer.plan import PlanInputs, count_parameters
 
-    model, train, launcher, hardware = sections["model"], sections["train"], sections["launcher"], sections["hardware"]
-    arch, source = read_model_arch(model)
-    strategy, notes = planned_strategy(sections["strategy"])
+    launcher, hardware = sections["launcher"], sections["hardware"]
     nodes = int(getattr(launcher, "nnodes", None) or getattr(launcher, "nodes", None) or 1)
     gpus_per_node = int(getattr(launcher, "nproc_per_node", None) or getattr(launcher, "gpus_per_node", None) or 1)
     world = nodes * gpus_per_node
-    if strategy == "single" and world > 1:
-        notes.append(f"strategy=single runs one process, so `trainer train` refuses {world} launcher processes; "
-                     "the configured run is planned on 1 GPU and the table shows the strategies that use all of them")
-    if train.global_batch_size % (train.micro_batch_size * world):
-        notes.append(f"train.global_batch_size {train.global_batch_size} is not a multiple of micro_batch_size x "
-                     f"world size ({train.micro_batch_size} x {world}); `trainer train` will ask you to change it")
-
+    notes: list[str] = []
     gpu_memory = hardware.gpu_memory_gb
     if gpu_memory is None:
         gpu_memory = local_gpu_memory_gib()
@@ -174,6 +188,19 @@ def build_request(sections: dict[str, Any]) -> PlanRequest:
                          f"{DEFAULT_GPU_MEMORY_GIB:g} GiB GPUs")
         else:
             notes.append(f"hardware.gpu_memory_gb is not set: planned for this machine's GPUs ({gpu_memory:.1f} GiB)")
+    if sections["strategy"].name == "auto":
+        sections = resolve_auto(sections, world, float(gpu_memory), notes)
+    model, train = sections["model"], sections["train"]
+    arch, source = read_model_arch(model)
+    strategy, strategy_notes = planned_strategy(sections["strategy"])
+    notes.extend(strategy_notes)
+    if strategy == "single" and world > 1:
+        notes.append(f"strategy=single runs one process, so `trainer train` refuses {world} launcher processes; "
+                     "the configured run is planned on 1 GPU and the table shows the strategies that use all of them")
+    if train.global_batch_size % (train.micro_batch_size * world):
+        notes.append(f"train.global_batch_size {train.global_batch_size} is not a multiple of micro_batch_size x "
+                     f"world size ({train.micro_batch_size} x {world}); `trainer train` will ask you to change it")
+
     single_gpu = strategy == "single"
     try:
         params = count_parameters(arch)  # a missing or malformed size field is named before anything else

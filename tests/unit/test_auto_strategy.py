@@ -31,17 +31,23 @@ def _resolve(tmp_path, entry: str, gpus: int, gib: float, *overrides: str):
     return resolve_auto_strategy(config, Devices(gpus, gib, "test"), say=lines.append), lines
 
 
-@pytest.mark.parametrize(("entry", "gpus", "gib", "peft", "strategy", "method"), [
+AUTO_CASES = [
     ("llama-3.1-8b", 8, 80, "none", "fsdp", "none"),  # several GPUs: FSDP2, full fine-tuning fits
     ("llama-3.1-70b", 8, 80, "none", "zero3_offload", "none"),  # FSDP2 does not fit: offload to the host
     ("llama-3.1-8b", 1, 24, "none", "single", "lora"),  # one GPU, full does not fit: LoRA on a bf16 base
     ("llama-3.1-70b", 1, 80, "none", "single", "qlora"),  # LoRA does not fit either: QLoRA
     ("mistral-7b", 1, 80, "lora", "single", "lora"),  # the requested method fits: kept
     ("llama-3.1-70b", 2, 48, "none", "fsdp", "qlora"),  # several small GPUs, no host room: FSDP2 + QLoRA
-])
+]
+
+
+def _host(gpus: int) -> str:
+    return "hardware.host_memory_gb=1200" if gpus == 8 else "hardware.host_memory_gb=64"
+
+
+@pytest.mark.parametrize(("entry", "gpus", "gib", "peft", "strategy", "method"), AUTO_CASES)
 def test_auto_picks(tmp_path, entry, gpus, gib, peft, strategy, method):
-    resolved, lines = _resolve(tmp_path, entry, gpus, gib, f"peft={peft}", "hardware.host_memory_gb=1200"
-                               if gpus == 8 else "hardware.host_memory_gb=64")
+    resolved, lines = _resolve(tmp_path, entry, gpus, gib, f"peft={peft}", _host(gpus))
     assert (resolved.strategy.name, resolved.peft.name) == (strategy, method)
     assert resolved.launcher.world_size == gpus
     if method != peft:
@@ -51,6 +57,25 @@ def test_auto_picks(tmp_path, entry, gpus, gib, peft, strategy, method):
     record = json.loads((tmp_path / "run" / AUTO_RECORD).read_text())
     assert record["strategy"] == strategy and record["bytes_per_gpu"]["total"] <= gib * 1024**3
     assert f"strategy=auto -> {strategy} + peft={method}" in lines[0] and "chosen" in lines[0]
+
+
+@pytest.mark.parametrize(("entry", "gpus", "gib", "peft", "strategy", "method"), AUTO_CASES)
+def test_plan_shows_the_choice_train_would_make(entry, gpus, gib, peft, strategy, method):
+    """`trainer plan strategy=auto` plans what `trainer train strategy=auto` would run on the same GPUs."""
+    result = run_cli("plan", "--json", f"model={entry}", "strategy=auto", f"peft={peft}", f"hardware.gpu_memory_gb={gib}",
+                     f"launcher.nproc_per_node={gpus}", "train.micro_batch_size=1", "train.global_batch_size=8",
+                     "data.max_seq_len=2048", _host(gpus), timeout=60)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    configured = report["configured"]
+    assert (configured["strategy"], configured["peft_method"], configured["fits"]) == (strategy, method, True)
+    assert any(note.startswith(f"strategy=auto -> {strategy} + peft={method}") for note in report["notes"])
+
+
+def test_plan_of_auto_when_nothing_fits_says_so(tmp_path):
+    result = run_cli("plan", "model=llama-3.1-70b", "strategy=auto", "hardware.gpu_memory_gb=24", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "does NOT fit" in result.stdout and "nothing fits; the nearest miss is planned" in result.stdout
 
 
 def test_nothing_fits_is_refused_naming_the_lightest_option(tmp_path):
