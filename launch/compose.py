@@ -28,6 +28,10 @@ def setup_hydra() -> None:
         OmegaConf.register_new_resolver("asset", asset_path)
 
 
+# Sections whose keys are the user's own (a config.json's fields, DeepSpeed JSON keys): new keys need Hydra's '+'.
+FREE_FORM_SECTIONS = ("model.arch.", "strategy.deepspeed_overrides.")
+
+
 def hydra_error_to_config_error(err: Exception) -> ConfigError | None:
     """Word Hydra's/OmegaConf's composition errors as one line naming the key; None if not a config error."""
     from hydra.errors import HydraException, MissingConfigException
@@ -47,6 +51,9 @@ def hydra_error_to_config_error(err: Exception) -> ConfigError | None:
         return ConfigError("defaults", f"{first}{hint}")
     if "is not in struct" in first or "Key '" in first and "not in" in first:
         first = f"unknown key; check the spelling, or see `trainer train --cfg job` for the keys that exist"
+        if str(key).startswith(FREE_FORM_SECTIONS):
+            first = (f"not set yet in this free-form section: add it with a leading '+' (+{key}=VALUE), "
+                     f"or give the whole section as +{str(key).rsplit('.', 1)[0]}={{...}}")
     if "Could not override" in first and not key:
         # Hydra's wording: "Could not override 'x'.\nTo append to your config use +x=1\nKey 'x' is not in struct"
         key = first.split("'")[1] if "'" in first else "override"

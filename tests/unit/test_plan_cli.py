@@ -201,6 +201,14 @@ def test_arch_fields_of_a_conf_entry_can_be_overridden():
     assert report["total_params"] == 2 * 128256 * 4096 + 2 * per_layer + 4096
 
 
+def test_a_whole_architecture_can_be_given_on_the_command_line():
+    arch = ("+model.arch={model_type: llama, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, "
+            "num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 1000}")
+    report = plan_json("model.path=null", "model.init=random", arch)
+    per_layer = 64 * (64 + 2 * 32 + 64) + 3 * 64 * 128 + 2 * 64  # GQA: k/v project to 2 heads of 16
+    assert report["total_params"] == 2 * 1000 * 64 + 2 * per_layer + 64  # untied embeddings + final norm
+
+
 @pytest.mark.parametrize(("override", "fragments"), [
     ("optim.lr=fast", ["optim.lr", "'fast'"]),
     ("no_such_key=1", ["no_such_key", "unknown key"]),
@@ -210,6 +218,8 @@ def test_arch_fields_of_a_conf_entry_can_be_overridden():
     ("hardware.gpu_memory_gb=big", ["hardware.gpu_memory_gb"]),
     ("strategy=nope", ["strategy/nope", "fsdp"]),
     ("--verbose", ["unknown option", "--verbose"]),
+    # tiny-llama's arch is empty: a key that is new there needs Hydra's '+', and the message says how.
+    ("model.arch={hidden_size:64}", ["model.arch.hidden_size", "+model.arch.hidden_size=VALUE"]),
 ])
 def test_bad_overrides_exit_2_with_one_line(override, fragments):
     assert_one_line_error(run_cli("plan", override, timeout=60), *fragments)

@@ -74,14 +74,16 @@ class ModelConfig:
     path: Optional[str] = None  # local dir with config.json + weights (or a hub id where a hub is reachable)
     tokenizer: Optional[str] = None  # defaults to model.path
     init: str = "pretrained"  # pretrained: load weights; random: fresh weights from the architecture (pre-training)
-    arch: Optional[Dict[str, Any]] = None  # config.json fields; used by `trainer plan` and by init=random without a path
+    # Empty rather than None so that `model.arch={...}` on the command line merges into it (OmegaConf cannot merge
+    # a dict into a None node).
+    arch: Dict[str, Any] = field(default_factory=dict)  # config.json fields; used by `trainer plan` and by init=random without a path
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (GPU)
     trust_remote_code: bool = False  # run code shipped with the checkpoint; off unless you trust its source
 
     def __post_init__(self) -> None:
         _one_of(self.init, MODEL_INITS, "init")
         _one_of(self.attn_implementation, ATTN_IMPLEMENTATIONS, "attn_implementation")
-        _require(self.path is not None or (self.init == "random" and self.arch is not None), "path",
+        _require(self.path is not None or (self.init == "random" and bool(self.arch)), "path",
                  "is required (a local model dir), unless model.init=random with model.arch given")
 
 
