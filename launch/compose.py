@@ -50,7 +50,7 @@ def hydra_error_to_config_error(err: Exception) -> ConfigError | None:
         first = first.split(" (available")[0].replace("In 'train': ", "")
         return ConfigError("defaults", f"{first}{hint}")
     if "is not in struct" in first or "Key '" in first and "not in" in first:
-        first = f"unknown key; check the spelling, or see `trainer train --cfg job` for the keys that exist"
+        first = "unknown key; check the spelling, or see `trainer train --cfg job` for the keys that exist"
         if str(key).startswith(FREE_FORM_SECTIONS):
             first = (f"not set yet in this free-form section: add it with a leading '+' (+{key}=VALUE), "
                      f"or give the whole section as +{str(key).rsplit('.', 1)[0]}={{...}}")

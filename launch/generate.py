@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 
 from trainer.errors import UserError
+from trainer.jsonfile import read_json
 
 DESCRIPTION = """\
 SOURCE is a model dir, or a run dir: its final/ is either the trained model, or an adapter that is then attached
@@ -83,6 +84,7 @@ def parse_adapters(specs: list[str]) -> list[tuple[str, str]]:
         path = final_dir(path)
         if not is_adapter(path):
             raise UserError(f"generate: --adapter {name}={path}: not an adapter dir (no adapter_config.json)")
+        read_json(os.path.join(path, "adapter_config.json"))  # damaged: say so before the base model loads
         seen.add(name)
         adapters.append((name, path))
     return adapters

@@ -6,7 +6,6 @@ QLoRA's 4-bit base is loaded by trainer/model.py; from here on it is LoRA on wha
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -215,11 +214,10 @@ def _mask_with_virtual_tokens(mask, n: int, add_virtual_queries: bool):
 
 # --------------------------------------------------------------------------------------- saved adapters
 def read_adapter_config(adapter_dir: str) -> dict:
-    path = os.path.join(adapter_dir, "adapter_config.json")
-    if not os.path.isfile(path):
-        raise UserError(f"{adapter_dir!r} is not a PEFT adapter dir (no adapter_config.json)")
-    with open(path) as fh:
-        return json.load(fh)
+    from trainer.jsonfile import read_json_in
+
+    return read_json_in(adapter_dir, "adapter_config.json",
+                        f"{adapter_dir!r} is not a PEFT adapter dir (no adapter_config.json)")
 
 
 def read_run_config(adapter_dir: str) -> dict:
@@ -271,6 +269,7 @@ def load_adapter_model(base, adapter_dir: str, name: str = "default"):
     """`base` with the adapter at `adapter_dir` attached under `name` (frozen, in eval mode)."""
     from peft import PeftModel
 
+    read_adapter_config(adapter_dir)  # a missing or damaged file is a one-line error here, not a traceback in peft
     model = PeftModel.from_pretrained(base, adapter_dir, adapter_name=name)
     if model.active_peft_config.is_prompt_learning:
         _use_prompt_learning_forward(model)

@@ -12,7 +12,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from trainer.config.frozen import config_to_dict
 from trainer.config.schema import Config

@@ -11,6 +11,8 @@ import json
 import os
 from typing import Iterable, Iterator
 
+from trainer.errors import UserError
+
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -70,17 +72,25 @@ def write_safetensors_stream(tensors: Iterable[tuple[str, object]], out_dir: str
     return writer.close()
 
 
+def indexed_weight_files(model_dir: str) -> list[str] | None:
+    """The shard files a sharded model's index names (sorted), or None when the model is not sharded."""
+    from trainer.jsonfile import read_json
+
+    index_path = os.path.join(model_dir, INDEX_NAME)
+    if not os.path.exists(index_path):
+        return None
+    index = read_json(index_path)
+    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+        raise UserError(f"{index_path}: has no weight_map; the index is damaged (a complete one maps every tensor "
+                        "to its shard file)")
+    return sorted(set(index["weight_map"].values()))
+
+
 def iter_safetensors(model_dir: str) -> Iterator[tuple[str, object]]:
     """Read a (possibly sharded) safetensors model back one tensor at a time, without unpickling anything."""
     from safetensors import safe_open
 
-    index_path = os.path.join(model_dir, INDEX_NAME)
-    if os.path.exists(index_path):
-        with open(index_path) as fh:
-            files = sorted(set(json.load(fh)["weight_map"].values()))
-    else:
-        files = [WEIGHTS_NAME]
-    for file in files:
+    for file in indexed_weight_files(model_dir) or [WEIGHTS_NAME]:
         with safe_open(os.path.join(model_dir, file), framework="pt") as handle:
             for key in handle.keys():
                 yield key, handle.get_tensor(key)

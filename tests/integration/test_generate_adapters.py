@@ -71,3 +71,14 @@ def test_prompts_file_and_template_are_used(two_runs, tmp_path):
 def test_bad_adapter_argument_is_one_line(tmp_path):
     result = run_cli("generate", str(tmp_path), "hello", "--adapter", "oops", timeout=60)
     assert_one_line_error(result, "NAME=PATH")
+
+
+def test_damaged_adapter_config_is_one_line_naming_the_file(tmp_path):
+    """An adapter dir whose adapter_config.json was cut off mid-write: named with its line, not a traceback."""
+    from launch.compose import asset_path
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{\n  "peft_type": "LORA",\n  "r": ')
+    result = run_cli("generate", asset_path("tiny-llama"), "hello", "--adapter", f"cut={adapter}", timeout=120)
+    assert_one_line_error(result, f"{adapter / 'adapter_config.json'}:3", "not valid JSON")

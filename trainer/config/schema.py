@@ -3,7 +3,8 @@
 Each dataclass checks its own values in `__post_init__` (OmegaConf runs it in `to_object`), raising
 `ConfigError` with the field's name; `validate.py` prefixes the section and adds cross-group checks.
 Field comments are the documentation users see in `trainer train --cfg job` and in the README.
-Polymorphic groups (`peft`, `strategy`, `launcher`) have one schema per option, each with a `name`.
+Polymorphic groups (`peft`, `strategy`, `launcher`) have one schema per option, each with a `name`; the PEFT
+options live in peft_schema.py and the Slurm launcher in slurm_schema.py, and are registered here.
 """
 
 from __future__ import annotations
@@ -13,6 +14,16 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
+from trainer.config.checks import non_negative, one_of, require
+from trainer.config.peft_schema import (  # the `peft` group's options
+    DoraConfig,
+    IA3Config,
+    LoraConfig,
+    NoPeftConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    QLoraConfig,
+)
 from trainer.config.slurm_schema import SlurmLauncherConfig  # the `slurm` launcher option
 from trainer.errors import ConfigError
 
@@ -38,19 +49,6 @@ MODEL_INITS = ("pretrained", "random")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(key, message)
-
-
-def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
-    _require(value in allowed, key, f"{value!r} is not one of {', '.join(allowed)}")
-
-
-def _non_negative(value: float, key: str, what: str = "a count") -> None:
-    _require(value >= 0, key, f"must be >= 0 ({what}; 0 disables), got {value}")
-
-
 @dataclass
 class RunConfig:
     name: str = "run"  # a label for the run; part of the default run dir and the W&B run name
@@ -58,8 +56,8 @@ class RunConfig:
     objective: str = "eval_after.loss"  # summary.json metric that sweeps rank by and Optuna optimises
 
     def __post_init__(self) -> None:
-        _require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
-        _require(bool(self.dir), "dir", "must be a directory path")
+        require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
+        require(bool(self.dir), "dir", "must be a directory path")
 
 
 @dataclass
@@ -81,9 +79,9 @@ class ModelConfig:
     trust_remote_code: bool = False  # run code shipped with the checkpoint; off unless you trust its source
 
     def __post_init__(self) -> None:
-        _one_of(self.init, MODEL_INITS, "init")
-        _one_of(self.attn_implementation, ATTN_IMPLEMENTATIONS, "attn_implementation")
-        _require(self.path is not None or (self.init == "random" and bool(self.arch)), "path",
+        one_of(self.init, MODEL_INITS, "init")
+        one_of(self.attn_implementation, ATTN_IMPLEMENTATIONS, "attn_implementation")
+        require(self.path is not None or (self.init == "random" and bool(self.arch)), "path",
                  "is required (a local model dir), unless model.init=random with model.arch given")
 
 
@@ -144,30 +142,30 @@ class DataConfig:
         if self.val_path_for is not None and self.val_path_for != self.path:
             self.val_path = None  # the validation file belongs to another training file (e.g. the demo's)
         has_path = self.path is not None and self.path != ""
-        _require(has_path or bool(self.sources), "path",
+        require(has_path or bool(self.sources), "path",
                  "is required: a data file, glob, directory or dataset (or give data.sources)")
-        _require(not (has_path and self.sources), "sources", "give data.path or data.sources, not both "
+        require(not (has_path and self.sources), "sources", "give data.path or data.sources, not both "
                  "(set data.path=null to use sources)")
-        _one_of(self.format, DATA_FORMATS, "format")
-        _one_of(self.template, DATA_TEMPLATES, "template")
-        _one_of(self.truncation, ("truncate", "drop"), "truncation")
-        _one_of(self.dedup, DEDUP_MODES, "dedup")
-        _one_of(self.text_unit, TEXT_UNITS, "text_unit")
-        _require(0.0 <= self.val_ratio < 1.0, "val_ratio", f"must be in [0, 1), got {self.val_ratio}")
-        _require(0.0 <= self.test_ratio < 1.0, "test_ratio", f"must be in [0, 1), got {self.test_ratio}")
-        _require(self.val_ratio + self.test_ratio < 1.0, "test_ratio", "val_ratio + test_ratio must leave records "
+        one_of(self.format, DATA_FORMATS, "format")
+        one_of(self.template, DATA_TEMPLATES, "template")
+        one_of(self.truncation, ("truncate", "drop"), "truncation")
+        one_of(self.dedup, DEDUP_MODES, "dedup")
+        one_of(self.text_unit, TEXT_UNITS, "text_unit")
+        require(0.0 <= self.val_ratio < 1.0, "val_ratio", f"must be in [0, 1), got {self.val_ratio}")
+        require(0.0 <= self.test_ratio < 1.0, "test_ratio", f"must be in [0, 1), got {self.test_ratio}")
+        require(self.val_ratio + self.test_ratio < 1.0, "test_ratio", "val_ratio + test_ratio must leave records "
                  "to train on (sum < 1)")
-        _require(self.max_seq_len >= 8, "max_seq_len", f"must be >= 8 tokens, got {self.max_seq_len}")
-        _non_negative(self.max_samples, "max_samples")
+        require(self.max_seq_len >= 8, "max_seq_len", f"must be >= 8 tokens, got {self.max_seq_len}")
+        non_negative(self.max_samples, "max_samples")
         formats = {self.format}
         for i, source in enumerate(self.sources):
             key = f"sources.{i}"
-            _require(bool(source.path), f"{key}.path", "is required")
+            require(bool(source.path), f"{key}.path", "is required")
             if source.format is not None:
-                _one_of(source.format, DATA_FORMATS, f"{key}.format")
-            _require(source.weight > 0, f"{key}.weight", f"must be > 0 (uses of each record per epoch), got "
+                one_of(source.format, DATA_FORMATS, f"{key}.format")
+            require(source.weight > 0, f"{key}.weight", f"must be > 0 (uses of each record per epoch), got "
                      f"{source.weight}")
-            _non_negative(source.max_samples, f"{key}.max_samples")
+            non_negative(source.max_samples, f"{key}.max_samples")
             _check_columns(source.columns, {source.format or self.format}, f"{key}.columns")
             formats.add(source.format or self.format)
         _check_columns(self.columns, formats, "columns")
@@ -182,131 +180,9 @@ def _check_columns(columns: Any, formats: set, key: str) -> None:
     for name, value in vars(columns).items():
         if value is None:
             continue
-        _require(name in known, f"{key}.{name}", f"is not a field of format {', '.join(sorted(formats))} (its fields: "
+        require(name in known, f"{key}.{name}", f"is not a field of format {', '.join(sorted(formats))} (its fields: "
                  f"{', '.join(sorted(known))})")
-        _require(isinstance(value, str) and value != "", f"{key}.{name}", "must be a record key (a non-empty string)")
-
-
-@dataclass
-class NoPeftConfig:
-    """Full fine-tuning: every parameter trains."""
-
-    name: str = "none"
-
-
-# `peft.target_modules` presets besides module names; adapters.py resolves them on the loaded model's decoder layers.
-TARGET_PRESETS = ("all-linear", "attention", "mlp")
-QUANT_TYPES = ("nf4", "fp4")
-QUANT_STORAGE_DTYPES = ("uint8", "bf16", "fp16", "fp32")
-COMPUTE_DTYPES = ("auto", "bf16", "fp16", "fp32")
-
-
-def _check_targets(targets: Any, key: str = "target_modules") -> None:
-    if isinstance(targets, str):
-        _require(targets in TARGET_PRESETS, key, f"{targets!r}: use a list of module names or one of "
-                 f"{', '.join(TARGET_PRESETS)}")
-    else:
-        _require(isinstance(targets, (list, tuple)) and len(targets) > 0 and all(isinstance(t, str) for t in targets),
-                 key, f"must be a non-empty list of module names or one of {', '.join(TARGET_PRESETS)}")
-
-
-def _check_module_names(names: Any, key: str) -> None:
-    _require(isinstance(names, (list, tuple)) and all(isinstance(n, str) and n for n in names), key,
-             "must be a list of module names, e.g. [lm_head]")
-
-
-@dataclass
-class LoraConfig:
-    """LoRA: a trainable low-rank update B @ A beside each target linear; the base stays frozen."""
-
-    name: str = "lora"
-    r: int = 16  # rank of the update matrices
-    alpha: float = 32.0  # scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)
-    dropout: float = 0.05  # dropout on the adapter's input
-    target_modules: Any = "all-linear"  # module names (q_proj, v_proj, ...), all-linear, attention or mlp
-    bias: str = "none"  # none | lora_only | all
-    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r): high ranks keep learning instead of fading
-    modules_to_save: List[str] = field(default_factory=list)  # modules trained in full, saved with the adapter
-
-    def __post_init__(self) -> None:
-        _require(self.r >= 1, "r", f"must be >= 1, got {self.r}")
-        _require(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
-        _require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
-        _one_of(self.bias, ("none", "lora_only", "all"), "bias")
-        _check_targets(self.target_modules)
-        _check_module_names(self.modules_to_save, "modules_to_save")
-
-
-@dataclass
-class DoraConfig(LoraConfig):
-    """DoRA: LoRA on the direction of each weight plus a trainable magnitude per output feature."""
-
-    name: str = "dora"
-
-
-@dataclass
-class QLoraConfig(LoraConfig):
-    """QLoRA: LoRA adapters on a base quantised to 4 bits by bitsandbytes at load time."""
-
-    name: str = "qlora"
-    quant_type: str = "nf4"  # nf4 (normal-float, for normally distributed weights) | fp4
-    double_quant: bool = True  # quantise the per-block scales too (~0.4 bit per weight saved)
-    compute_dtype: str = "auto"  # dtype 4-bit weights are dequantised to for matmuls; auto: train.precision's
-    # How the packed 4-bit values are stored: uint8 (bitsandbytes' default), or a float dtype (bf16) so that FSDP2
-    # and ZeRO-3 can shard and gather them like the other (bf16) parameters of a layer.
-    quant_storage: str = "uint8"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _one_of(self.quant_type, QUANT_TYPES, "quant_type")
-        _one_of(self.compute_dtype, COMPUTE_DTYPES, "compute_dtype")
-        _one_of(self.quant_storage, QUANT_STORAGE_DTYPES, "quant_storage")
-
-
-@dataclass
-class IA3Config:
-    """IA3: learned vectors that rescale the outputs of attention projections and the inputs of feed-forward ones."""
-
-    name: str = "ia3"
-    target_modules: Any = None  # null: PEFT's per-family default (k_proj, v_proj, down_proj for llama); or as lora
-    feedforward_modules: Optional[List[str]] = None  # targets scaled on their input; null: the mlp output projections
-    modules_to_save: List[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if self.target_modules is not None:
-            _check_targets(self.target_modules)
-        if self.feedforward_modules is not None:
-            _check_module_names(self.feedforward_modules, "feedforward_modules")
-        _check_module_names(self.modules_to_save, "modules_to_save")
-
-
-@dataclass
-class PromptTuningConfig:
-    """Prompt tuning: num_virtual_tokens trainable embeddings prepended to every input; the model stays frozen."""
-
-    name: str = "prompt_tuning"
-    num_virtual_tokens: int = 20
-    init: str = "random"  # random | text (start from the embeddings of init_text's tokens)
-    init_text: Optional[str] = None  # e.g. "Answer the question about the creature:"
-
-    def __post_init__(self) -> None:
-        _require(self.num_virtual_tokens >= 1, "num_virtual_tokens", f"must be >= 1, got {self.num_virtual_tokens}")
-        _one_of(self.init, ("random", "text"), "init")
-        _require(self.init != "text" or bool(self.init_text), "init_text", "is required with init=text")
-
-
-@dataclass
-class PrefixTuningConfig:
-    """Prefix tuning: trainable keys and values for num_virtual_tokens positions in every layer's attention."""
-
-    name: str = "prefix_tuning"
-    num_virtual_tokens: int = 20
-    prefix_projection: bool = False  # learn the prefixes through a 2-layer MLP (steadier, more parameters)
-    encoder_hidden_size: int = 0  # hidden size of that MLP; 0: the model's hidden size
-
-    def __post_init__(self) -> None:
-        _require(self.num_virtual_tokens >= 1, "num_virtual_tokens", f"must be >= 1, got {self.num_virtual_tokens}")
-        _non_negative(self.encoder_hidden_size, "encoder_hidden_size", "0: the model's hidden size")
+        require(isinstance(value, str) and value != "", f"{key}.{name}", "must be a record key (a non-empty string)")
 
 
 @dataclass
@@ -317,7 +193,7 @@ class SingleStrategyConfig:
     device: str = "auto"  # auto | cpu | cuda
 
     def __post_init__(self) -> None:
-        _one_of(self.device, ("auto", "cpu", "cuda"), "device")
+        one_of(self.device, ("auto", "cpu", "cuda"), "device")
 
 
 @dataclass
@@ -330,7 +206,7 @@ class DDPStrategyConfig:
     find_unused_parameters: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.timeout_s > 0, "timeout_s", f"must be > 0 seconds, got {self.timeout_s}")
+        require(self.timeout_s > 0, "timeout_s", f"must be > 0 seconds, got {self.timeout_s}")
 
 
 @dataclass
@@ -343,7 +219,7 @@ class FSDPStrategyConfig:
     cpu_offload: bool = False  # keep shards and optimizer state in host memory
 
     def __post_init__(self) -> None:
-        _require(self.timeout_s > 0, "timeout_s", f"must be > 0 seconds, got {self.timeout_s}")
+        require(self.timeout_s > 0, "timeout_s", f"must be > 0 seconds, got {self.timeout_s}")
 
 
 @dataclass
@@ -360,12 +236,12 @@ class DeepSpeedStrategyConfig:
     deepspeed_overrides: Dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed JSON keys
 
     def __post_init__(self) -> None:
-        _require(self.stage in (1, 2, 3), "stage", f"must be 1, 2 or 3, got {self.stage}")
-        _require(self.timeout_s > 0, "timeout_s", f"must be > 0 seconds, got {self.timeout_s}")
-        _one_of(self.offload_optimizer, ("none", "cpu", "nvme"), "offload_optimizer")
-        _one_of(self.offload_param, ("none", "cpu", "nvme"), "offload_param")
-        _require(self.offload_param == "none" or self.stage == 3, "offload_param", "needs stage 3 (strategy=zero3)")
-        _require("nvme" not in (self.offload_optimizer, self.offload_param) or bool(self.nvme_path), "nvme_path",
+        require(self.stage in (1, 2, 3), "stage", f"must be 1, 2 or 3, got {self.stage}")
+        require(self.timeout_s > 0, "timeout_s", f"must be > 0 seconds, got {self.timeout_s}")
+        one_of(self.offload_optimizer, ("none", "cpu", "nvme"), "offload_optimizer")
+        one_of(self.offload_param, ("none", "cpu", "nvme"), "offload_param")
+        require(self.offload_param == "none" or self.stage == 3, "offload_param", "needs stage 3 (strategy=zero3)")
+        require("nvme" not in (self.offload_optimizer, self.offload_param) or bool(self.nvme_path), "nvme_path",
                  "is required for nvme offload: a directory on a fast local disk")
 
 
@@ -402,8 +278,8 @@ class FreezeConfig:
                 re.compile(pattern)
             except re.error as err:
                 raise ConfigError(f"freeze.patterns.{i}", f"{pattern!r} is not a regular expression: {err}") from None
-        _non_negative(self.first_n_layers, "freeze.first_n_layers", "layers")
-        _non_negative(self.unfreeze_every_n_steps, "freeze.unfreeze_every_n_steps", "steps")
+        non_negative(self.first_n_layers, "freeze.first_n_layers", "layers")
+        non_negative(self.unfreeze_every_n_steps, "freeze.unfreeze_every_n_steps", "steps")
 
 
 @dataclass
@@ -423,15 +299,15 @@ class OptimConfig:
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
 
     def __post_init__(self) -> None:
-        _one_of(self.name, OPTIMIZERS, "name")
-        _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        _require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
-        _one_of(self.scheduler, SCHEDULERS, "scheduler")
-        _require(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
-        _require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
-        _non_negative(self.max_grad_norm, "max_grad_norm", "a norm")
-        _require(0.0 < self.layer_lr_decay <= 1.0, "layer_lr_decay", f"must be in (0, 1] (1 disables), got "
+        one_of(self.name, OPTIMIZERS, "name")
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
+        one_of(self.scheduler, SCHEDULERS, "scheduler")
+        require(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        non_negative(self.max_grad_norm, "max_grad_norm", "a norm")
+        require(0.0 < self.layer_lr_decay <= 1.0, "layer_lr_decay", f"must be in (0, 1] (1 disables), got "
                  f"{self.layer_lr_decay}")
 
 
@@ -447,12 +323,12 @@ class TrainConfig:
     nonfinite: str = "stop"  # a non-finite loss or grad norm: stop (exit 3, last checkpoint kept) | skip the step
 
     def __post_init__(self) -> None:
-        _one_of(self.nonfinite, ("stop", "skip"), "nonfinite")
-        _non_negative(self.max_steps, "max_steps", "optimizer steps")
-        _require(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
-        _require(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
-        _require(self.global_batch_size >= 1, "global_batch_size", f"must be >= 1, got {self.global_batch_size}")
-        _one_of(self.precision, PRECISIONS, "precision")
+        one_of(self.nonfinite, ("stop", "skip"), "nonfinite")
+        non_negative(self.max_steps, "max_steps", "optimizer steps")
+        require(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
+        require(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
+        require(self.global_batch_size >= 1, "global_batch_size", f"must be >= 1, got {self.global_batch_size}")
+        one_of(self.precision, PRECISIONS, "precision")
 
 
 @dataclass
@@ -465,12 +341,12 @@ class EvalConfig:
     max_new_tokens: int = 32  # generation length for the generation metrics
 
     def __post_init__(self) -> None:
-        _non_negative(self.every_n_steps, "every_n_steps", "steps")
-        _non_negative(self.max_batches, "max_batches")
-        _non_negative(self.early_stopping_patience, "early_stopping_patience", "evaluations")
-        _non_negative(self.early_stopping_min_delta, "early_stopping_min_delta", "a loss difference")
-        _non_negative(self.generate_samples, "generate_samples")
-        _require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        non_negative(self.every_n_steps, "every_n_steps", "steps")
+        non_negative(self.max_batches, "max_batches")
+        non_negative(self.early_stopping_patience, "early_stopping_patience", "evaluations")
+        non_negative(self.early_stopping_min_delta, "early_stopping_min_delta", "a loss difference")
+        non_negative(self.generate_samples, "generate_samples")
+        require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
 
 
 @dataclass
@@ -482,9 +358,9 @@ class CheckpointConfig:
     checksum: bool = True  # record a crc32 of every file in COMMITTED and check it at resume (sizes are always checked)
 
     def __post_init__(self) -> None:
-        _non_negative(self.every_n_steps, "every_n_steps", "steps")
-        _non_negative(self.every_n_minutes, "every_n_minutes", "minutes")
-        _non_negative(self.keep_last, "keep_last", "checkpoints; 0 keeps all")
+        non_negative(self.every_n_steps, "every_n_steps", "steps")
+        non_negative(self.every_n_minutes, "every_n_minutes", "minutes")
+        non_negative(self.keep_last, "keep_last", "checkpoints; 0 keeps all")
 
 
 @dataclass
@@ -496,7 +372,7 @@ class WandbConfig:
     tags: List[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        _one_of(self.mode, WANDB_MODES, "mode")
+        one_of(self.mode, WANDB_MODES, "mode")
 
 
 @dataclass
@@ -508,7 +384,7 @@ class LoggerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
-        _non_negative(self.every_n_steps, "every_n_steps", "steps")
+        non_negative(self.every_n_steps, "every_n_steps", "steps")
 
 
 @dataclass
@@ -526,12 +402,12 @@ class LocalLauncherConfig:
     max_restarts: int = 0  # torchrun restarts all workers this many times after a failure
 
     def __post_init__(self) -> None:
-        _one_of(self.backend, ("torchrun", "deepspeed"), "backend")
-        _require(self.nproc_per_node >= 1, "nproc_per_node", f"must be >= 1, got {self.nproc_per_node}")
-        _require(self.nnodes >= 1, "nnodes", f"must be >= 1, got {self.nnodes}")
-        _require(0 <= self.node_rank < self.nnodes, "node_rank", f"must be in [0, nnodes), got {self.node_rank}")
-        _require(":" in self.rdzv_endpoint, "rdzv_endpoint", f"must be host:port, got {self.rdzv_endpoint!r}")
-        _non_negative(self.max_restarts, "max_restarts", "restarts")
+        one_of(self.backend, ("torchrun", "deepspeed"), "backend")
+        require(self.nproc_per_node >= 1, "nproc_per_node", f"must be >= 1, got {self.nproc_per_node}")
+        require(self.nnodes >= 1, "nnodes", f"must be >= 1, got {self.nnodes}")
+        require(0 <= self.node_rank < self.nnodes, "node_rank", f"must be in [0, nnodes), got {self.node_rank}")
+        require(":" in self.rdzv_endpoint, "rdzv_endpoint", f"must be host:port, got {self.rdzv_endpoint!r}")
+        non_negative(self.max_restarts, "max_restarts", "restarts")
 
     @property
     def world_size(self) -> int:
@@ -548,7 +424,7 @@ class HardwareConfig:
     def __post_init__(self) -> None:
         for key in ("gpu_memory_gb", "host_memory_gb"):
             value = getattr(self, key)
-            _require(value is None or value > 0, key, f"must be > 0 GiB (or null), got {value}")
+            require(value is None or value > 0, key, f"must be > 0 GiB (or null), got {value}")
 
 
 @dataclass

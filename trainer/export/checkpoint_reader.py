@@ -24,6 +24,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from trainer.errors import UserError
+from trainer.weights import indexed_weight_files
 
 # -------------------------------------------------------------------------------------------------- DCP
 _DCP_METADATA_GLOBALS = {
@@ -259,16 +260,12 @@ class SafetensorsReader:
     """A Hugging Face model or PEFT adapter dir (the run's `final/`), read lazily from its safetensors files."""
 
     def __init__(self, directory: str):
-        import json
 
         from safetensors import safe_open
 
         self.directory = directory
-        index = os.path.join(directory, "model.safetensors.index.json")
-        if os.path.exists(index):
-            with open(index) as fh:
-                files = sorted(set(json.load(fh)["weight_map"].values()))
-        else:
+        files = indexed_weight_files(directory)
+        if files is None:
             files = [f for f in ("model.safetensors", "adapter_model.safetensors")
                      if os.path.exists(os.path.join(directory, f))]
         if not files:

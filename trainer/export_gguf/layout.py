@@ -17,20 +17,15 @@
 
 from __future__ import annotations
 
-import json
-import os
 
 from trainer.errors import UserError
+from trainer.jsonfile import read_json_in
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama"}
 
 
 def read_hf_config(model_dir: str) -> dict:
-    path = os.path.join(model_dir, "config.json")
-    if not os.path.isfile(path):
-        raise UserError(f"{model_dir!r} has no config.json: give a Hugging Face model dir")
-    with open(path) as fh:
-        return json.load(fh)
+    return read_json_in(model_dir, "config.json", f"{model_dir!r} has no config.json: give a Hugging Face model dir")
 
 
 def gguf_arch(config: dict) -> str:

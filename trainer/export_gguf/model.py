@@ -9,10 +9,10 @@ unused tokens. Other tokenizer kinds (SentencePiece) are refused with a pointer 
 
 from __future__ import annotations
 
-import json
 import os
 
 from trainer.errors import UserError
+from trainer.jsonfile import read_json
 from trainer.export_gguf.layout import (
     gguf_arch,
     gguf_name,
@@ -70,8 +70,7 @@ def _add_tokenizer(writer, model_dir: str, vocab_size: int) -> None:
     path = os.path.join(model_dir, "tokenizer.json")
     if not os.path.isfile(path):
         raise UserError(f"{model_dir!r} has no tokenizer.json (a fast tokenizer is needed for GGUF export)")
-    with open(path) as fh:
-        spec = json.load(fh)
+    spec = read_json(path)
     model, pre = spec.get("model", {}), spec.get("pre_tokenizer") or {}
     pre_types = [p.get("type") for p in pre.get("pretokenizers", [pre])]
     if model.get("type") != "BPE" or "ByteLevel" not in pre_types:
@@ -111,10 +110,7 @@ def _add_tokenizer(writer, model_dir: str, vocab_size: int) -> None:
 
 
 def _read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as fh:
-        return json.load(fh)
+    return read_json(path) if os.path.isfile(path) else {}
 
 
 def _encode(array, dtype: str):
