@@ -12,6 +12,7 @@ deleted only after a new one is committed, marker first, so a half-deleted one n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -26,6 +27,7 @@ from trainer.errors import UserError
 MARKER = "COMMITTED"
 STATE_FILE = "trainer_state.json"
 MANIFEST_PREFIX = "manifest-rank"  # each rank's share of sizes and checksums, merged into COMMITTED
+RESHARD_DIR = "resharded"  # in the run dir: a checkpoint converted for another world size while it is loaded
 _CHUNK = 8 * 1024 * 1024
 
 
@@ -322,7 +324,14 @@ class CheckpointManager:
         with open(os.path.join(directory, STATE_FILE)) as fh:
             saved = json.load(fh)
         self._check_compatible(directory, saved)
-        self.strategy.load_state(recipe.model, recipe.optimizer, os.path.join(directory, "state"))
+        scratch = os.path.join(self.run_dir, RESHARD_DIR, os.path.basename(os.path.normpath(directory)))
+        self.strategy.load_state(recipe.model, recipe.optimizer, os.path.join(directory, "state"),
+                                 saved_world_size=saved.get("world_size"), scratch_dir=scratch)
+        self.strategy.barrier()  # every rank has read the converted files (if any) before they go
+        if self.strategy.is_main and os.path.isdir(scratch):
+            shutil.rmtree(scratch, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(scratch))  # only when no other conversion is in there
         recipe.state = TrainState(**saved["trainer"])
         try:
             recipe.sampler.load_state_dict(saved["sampler"])
@@ -348,7 +357,8 @@ class CheckpointManager:
         saved_world = saved.get("world_size", self.strategy.world_size)
         if saved_world != self.strategy.world_size and not self.strategy.reshards_checkpoints:
             raise UserError(f"cannot resume from {directory} on {self.strategy.world_size} ranks: this DeepSpeed "
-                            f"checkpoint was saved on {saved_world} and ZeRO partitions do not reshard; resume with "
+                            f"checkpoint was saved on {saved_world} and ZeRO state offloaded to NVMe does not "
+                            f"reshard; resume with "
                             f"launcher.nproc_per_node x nnodes = {saved_world}, or export it (`trainer export "
                             f"{directory} --to hf --out DIR`) and start a new run from that model")
 

@@ -54,7 +54,10 @@ class Strategy(Protocol):
         """Write model (trainable weights) and optimizer state; every rank writes its own part. With `async_save`,
         return a future that completes once this rank's files are written (else None)."""
 
-    def load_state(self, model, optimizer, directory: str) -> None: ...
+    def load_state(self, model, optimizer, directory: str, saved_world_size: int | None = None,
+                   scratch_dir: str | None = None) -> None:
+        """Restore what save_state wrote, possibly on another world size than `saved_world_size`; a strategy that must
+        convert the files for that may write the conversion under `scratch_dir` (removed after the load)."""
 
     def scaler_state_dict(self) -> dict | None:
         """The fp16 loss scaler's state (JSON-able), or None without one."""

@@ -95,7 +95,9 @@ class StrategyBase:
             self._async_group = dist.new_group(backend="gloo")
         return self._async_group
 
-    def load_state(self, model, optimizer, directory: str) -> None:
+    def load_state(self, model, optimizer, directory: str, saved_world_size: int | None = None,
+                   scratch_dir: str | None = None) -> None:
+        """DCP reshards for any world size by itself: `saved_world_size` and `scratch_dir` are not needed."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 

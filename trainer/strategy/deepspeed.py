@@ -126,8 +126,13 @@ class DeepSpeedStrategy(StrategyBase):
         return model.module
 
     checkpoint_format = "deepspeed"
-    reshards_checkpoints = False  # ZeRO partitions are tied to the world size that wrote them
     supports_async_save = False
+
+    @property
+    def reshards_checkpoints(self) -> bool:
+        """ZeRO partitions are tied to the world size that wrote them; on another one they load through DeepSpeed's
+        universal checkpoint (converted at resume). Its loader has no path for NVMe-swapped optimizer state."""
+        return "nvme" not in (self.cfg.offload_optimizer, self.cfg.offload_param)
 
     def save_state(self, model, optimizer, directory: str, async_save: bool = False):
         """DeepSpeed's own checkpoint (fp32 master partitions, optimizer state, its loss scaler), synchronously."""
@@ -137,15 +142,38 @@ class DeepSpeedStrategy(StrategyBase):
                                     exclude_frozen_parameters=True, save_latest=False)
         return None
 
-    def load_state(self, model, optimizer, directory: str) -> None:
+    def load_state(self, model, optimizer, directory: str, saved_world_size: int | None = None,
+                   scratch_dir: str | None = None) -> None:
+        """DeepSpeed's own load. A checkpoint from another world size is first converted (once, by rank 0, into
+        `scratch_dir`) to DeepSpeed's universal checkpoint, whose per-parameter files any world size can slice."""
         import os
 
         from trainer.export.checkpoint_reader import check_deepspeed_files
 
         check_deepspeed_files(directory)  # DeepSpeed unpickles these files: refuse any that could run code
-        self.engine.load_checkpoint(os.path.dirname(directory), tag=os.path.basename(directory),
-                                    load_optimizer_states=True, load_lr_scheduler_states=False,
-                                    load_module_strict=False)
+        universal = saved_world_size is not None and saved_world_size != self.world_size
+        if universal:
+            from trainer.errors import UserError
+            from trainer.strategy.universal import STATE, convert_to_universal
+
+            if scratch_dir is None:
+                raise ValueError("a checkpoint from another world size needs a scratch dir for its universal form")
+            failure = None
+            if self.is_main:
+                try:
+                    convert_to_universal(directory, scratch_dir)
+                except Exception as err:  # every rank must learn of it, or the others would wait at the barrier
+                    failure = err
+            if self.all_reduce_max(1.0 if failure else 0.0) > 0:
+                raise failure or UserError(f"rank 0 could not convert {directory} for this world size (see its error)")
+            directory = os.path.join(scratch_dir, STATE)
+        self.engine._config.load_universal_checkpoint = universal  # read by every load step; no public setter
+        try:
+            self.engine.load_checkpoint(os.path.dirname(directory), tag=os.path.basename(directory),
+                                        load_optimizer_states=True, load_lr_scheduler_states=False,
+                                        load_module_strict=False)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
 
     def iter_full_state(self, model, trainable_only: bool) -> Iterator[tuple[str, object]]:
         """ZeRO-3 holds each parameter in pieces: gather one parameter at a time onto every rank, copy on rank 0."""
