@@ -56,7 +56,8 @@ def main() -> None:
         model_dir.mkdir()
         (model_dir / "config.json").write_text(json.dumps(MODEL_100M))
         models = {"tiny-llama (3.4M)": [],
-                  "llama ~106M": [f"model.path={model_dir}", "model.init=random", "model.tokenizer=${asset:tiny-llama}"]}
+                  "llama ~106M": [f"model.path={model_dir}", "model.init=random",
+                                  "model.tokenizer=${asset:tiny-llama}"]}
         rows = []
         for name, model in models.items():
             for async_save in (False, True):

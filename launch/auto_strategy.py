@@ -44,7 +44,8 @@ def detect_devices(config) -> Devices:
         if getattr(config.launcher, "gpus_per_node", 0) and stated is None:
             raise ConfigError("hardware.gpu_memory_gb", f"strategy=auto with launcher={config.launcher.name} needs "
                               "the compute nodes' GPU memory (GiB per GPU): they are not visible from here")
-        return Devices(launcher_world, float(stated) if stated is not None else None, f"launcher={config.launcher.name}")
+        memory = float(stated) if stated is not None else None
+        return Devices(launcher_world, memory, f"launcher={config.launcher.name}")
     import torch
 
     local = torch.cuda.device_count() if torch.cuda.is_available() else 0

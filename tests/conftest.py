@@ -17,7 +17,8 @@ os.environ.setdefault("TRAINER_CACHE_DIR", tempfile.mkdtemp(prefix="trainer-test
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
-def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: str | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 600, env: dict | None = None,
+            cwd: str | None = None) -> subprocess.CompletedProcess:
     """`trainer ARGS` in a fresh Python process, exactly as a user runs it."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"),
                 **(env or {})}

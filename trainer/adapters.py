@@ -160,7 +160,6 @@ def _prompt_learning_forward(self, input_ids=None, attention_mask=None, position
     that every token sees them. In a packed row all samples then share one block of virtual tokens, which is
     exact: a virtual token attends only to virtual tokens, so its states are the same for every sample."""
     import torch
-
     from peft.utils import PeftType
 
     config = self.active_peft_config

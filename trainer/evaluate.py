@@ -33,7 +33,8 @@ def _rank_share(items: list, rank: int, world_size: int, batch_size: int) -> lis
     return [mine[i * batch_size:(i + 1) * batch_size] for i in range(num_batches)]
 
 
-def evaluate_loss(model, rows: list[EncodedSample], strategy, batch_size: int, pad_id: int, max_batches: int = 0) -> dict:
+def evaluate_loss(model, rows: list[EncodedSample], strategy, batch_size: int, pad_id: int,
+                  max_batches: int = 0) -> dict:
     import torch
 
     if not rows:

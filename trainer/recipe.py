@@ -63,7 +63,8 @@ class Recipe:
         self.accumulation_steps = self._accumulation_steps()
         self.sampler = GlobalBatchSampler(len(self.data.train), config.train.global_batch_size, config.seed,
                                           config.data.shuffle, data_fingerprint=self.data.fingerprint)
-        self.total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * self.sampler.steps_per_epoch))
+        epoch_steps = math.ceil(config.train.epochs * self.sampler.steps_per_epoch)
+        self.total_steps = config.train.max_steps or max(1, epoch_steps)
         self.model, self.optimizer, self.scheduler = self._build_model()
         self.state = TrainState()
         self.state_bytes: dict | None = None  # this rank's parameter/gradient/optimizer bytes after step 1
@@ -147,17 +148,18 @@ class Recipe:
 
     def train_step(self) -> dict:
         """One optimizer step over one global batch; returns metrics (host sync only for logged values)."""
+        import torch
+
         from trainer.data.loader import collate, local_microbatches
         from trainer.evaluate import token_loss_sum
-
-        import torch
 
         cfg, strategy = self.config, self.strategy
         global_indices = self.sampler.next_global_batch()
         rows = [self.data.train[i] for i in global_indices]
         # Every rank sees the whole global batch's indices, so it can count its label tokens without a collective.
         num_label_tokens = sum(row.num_label_tokens for row in rows)
-        micro_batches = local_microbatches(global_indices, strategy.rank, strategy.world_size, cfg.train.micro_batch_size)
+        micro_batches = local_microbatches(global_indices, strategy.rank, strategy.world_size,
+                                           cfg.train.micro_batch_size)
         loss_sum = torch.zeros((), device=strategy.device)
         num_tokens = 0
         for index, micro in enumerate(micro_batches):
@@ -220,7 +222,8 @@ class Recipe:
         self.state.evals_without_improvement += 1
         if cfg.early_stopping_patience and self.state.evals_without_improvement >= cfg.early_stopping_patience:
             self.logger.info(f"early stopping at step {self.state.step}: eval loss has not improved for "
-                             f"{self.state.evals_without_improvement} evaluations (best {self.state.best_eval_loss:.4f})")
+                             f"{self.state.evals_without_improvement} evaluations "
+                             f"(best {self.state.best_eval_loss:.4f})")
             return True
         return False
 
@@ -296,9 +299,8 @@ def run_training(config: Config, on_exit_code=None) -> int:
 
     `on_exit_code(code, message)` runs on every rank before any rank exits with a non-zero code (the worker records
     why there, while torchrun, which tears the job down at the first non-zero exit, still lets it)."""
-    from trainer.metrics import plot_loss_curve
-
     from trainer.errors import EXIT_REQUEUE
+    from trainer.metrics import plot_loss_curve
 
     started = time.time()
     recipe = Recipe(config)
@@ -308,7 +310,8 @@ def run_training(config: Config, on_exit_code=None) -> int:
         if recipe.strategy.is_main:
             write_summary(config.run.dir, summary)
             if config.logger.plot:
-                plot_loss_curve(os.path.join(config.run.dir, "metrics.jsonl"), os.path.join(config.run.dir, "loss_curve.png"))
+                plot_loss_curve(os.path.join(config.run.dir, "metrics.jsonl"),
+                                os.path.join(config.run.dir, "loss_curve.png"))
             _print_result(recipe, summary)
         # A preempted run checkpointed and asks to be requeued; resume=auto continues it from that checkpoint.
         code = {"preempted": EXIT_REQUEUE, "stopped_nonfinite": EXIT_STOPPED_NONFINITE}.get(summary["status"], 0)

@@ -111,7 +111,8 @@ def _worker_pids(run_dir: Path) -> list[int]:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"trainer.worker" in cmdline and str(run_dir).encode() in cmdline and b"torch.distributed.run" not in cmdline:
+        is_worker = b"trainer.worker" in cmdline and b"torch.distributed.run" not in cmdline
+        if is_worker and str(run_dir).encode() in cmdline:
             pids.append(int(entry))
     return sorted(pids)
 

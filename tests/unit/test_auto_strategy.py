@@ -62,9 +62,9 @@ def test_auto_picks(tmp_path, entry, gpus, gib, peft, strategy, method):
 @pytest.mark.parametrize(("entry", "gpus", "gib", "peft", "strategy", "method"), AUTO_CASES)
 def test_plan_shows_the_choice_train_would_make(entry, gpus, gib, peft, strategy, method):
     """`trainer plan strategy=auto` plans what `trainer train strategy=auto` would run on the same GPUs."""
-    result = run_cli("plan", "--json", f"model={entry}", "strategy=auto", f"peft={peft}", f"hardware.gpu_memory_gb={gib}",
-                     f"launcher.nproc_per_node={gpus}", "train.micro_batch_size=1", "train.global_batch_size=8",
-                     "data.max_seq_len=2048", _host(gpus), timeout=60)
+    result = run_cli("plan", "--json", f"model={entry}", "strategy=auto", f"peft={peft}",
+                     f"hardware.gpu_memory_gb={gib}", f"launcher.nproc_per_node={gpus}", "train.micro_batch_size=1",
+                     "train.global_batch_size=8", "data.max_seq_len=2048", _host(gpus), timeout=60)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     configured = report["configured"]

@@ -43,7 +43,8 @@ def test_user_overrides_merge_and_conflicts_name_both_sides(tmp_path):
     assert ds["zero_optimization"]["reduce_bucket_size"] == 500000000
     assert ds["zero_optimization"]["stage"] == 2
     with pytest.raises(ConfigError) as err:
-        _ds(tmp_path, "strategy=zero2", "train.global_batch_size=32", "+strategy.deepspeed_overrides.train_batch_size=64")
+        _ds(tmp_path, "strategy=zero2", "train.global_batch_size=32",
+            "+strategy.deepspeed_overrides.train_batch_size=64")
     message = str(err.value)
     assert "strategy.deepspeed_overrides.train_batch_size" in message and "train.global_batch_size" in message
     assert "64" in message and "32" in message

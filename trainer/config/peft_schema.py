@@ -11,6 +11,7 @@ from typing import Any, List, Optional
 
 from trainer.config.checks import non_negative, one_of, require
 
+
 @dataclass
 class NoPeftConfig:
     """Full fine-tuning: every parameter trains."""

@@ -74,7 +74,8 @@ class ModelConfig:
     init: str = "pretrained"  # pretrained: load weights; random: fresh weights from the architecture (pre-training)
     # Empty rather than None so that `model.arch={...}` on the command line merges into it (OmegaConf cannot merge
     # a dict into a None node).
-    arch: Dict[str, Any] = field(default_factory=dict)  # config.json fields; used by `trainer plan` and by init=random without a path
+    # config.json fields; used by `trainer plan`, and by init=random without a path
+    arch: Dict[str, Any] = field(default_factory=dict)
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (GPU)
     trust_remote_code: bool = False  # run code shipped with the checkpoint; off unless you trust its source
 

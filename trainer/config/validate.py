@@ -65,7 +65,8 @@ def check_cross_group(config: Config) -> None:
     model = config.model
     if model.path is not None and not _looks_like_hub_id(model.path) and not os.path.isdir(model.path):
         raise ConfigError("model.path", f"{model.path!r} is not a directory: give a local model dir with config.json")
-    if model.path is not None and os.path.isdir(model.path) and not os.path.isfile(os.path.join(model.path, "config.json")):
+    has_config = model.path is not None and os.path.isfile(os.path.join(model.path, "config.json"))
+    if model.path is not None and os.path.isdir(model.path) and not has_config:
         raise ConfigError("model.path", f"{model.path!r} has no config.json: give a Hugging Face model dir")
     if (config.data.path and not any(ch in config.data.path for ch in "*?[") and not os.path.exists(config.data.path)
             and not _looks_like_hub_id(config.data.path)):

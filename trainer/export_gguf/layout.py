@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-
 from trainer.errors import UserError
 from trainer.jsonfile import read_json_in
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 
 from trainer.errors import UserError
-from trainer.jsonfile import read_json
 from trainer.export_gguf.layout import (
     gguf_arch,
     gguf_name,
@@ -23,6 +22,7 @@ from trainer.export_gguf.layout import (
     rotary_heads,
     tensor_name_map,
 )
+from trainer.jsonfile import read_json
 
 DTYPES = ("f16", "q8_0", "f32")
 Q8_BLOCK = 32

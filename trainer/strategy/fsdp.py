@@ -52,7 +52,8 @@ class FSDPStrategy(StrategyBase):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         model.to_empty(device="cpu" if self.cfg.cpu_offload else self.device)
-        set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, full_state, options=options)
         with torch.no_grad():
             for name, buf in model.named_buffers():
                 if name in buffers:

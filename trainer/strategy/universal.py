@@ -38,7 +38,8 @@ def convert_to_universal(state_dir: str, scratch_dir: str) -> str:
                "--inject_missing_state"]
     log_path = f"{scratch_dir}.log"
     with open(log_path, "w") as log:
-        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if result.returncode != 0 or not os.path.isdir(os.path.join(partial, STATE, "zero")):
         with open(log_path) as log:
             lines = [line.strip() for line in log if line.strip()]
