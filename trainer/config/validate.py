@@ -58,6 +58,20 @@ def validate_sections(cfg: Any, sections: tuple[str, ...]) -> dict[str, Any]:
     return typed
 
 
+def _custom_code(directory: str) -> str | None:
+    """Which file of a model dir maps transformers' Auto classes onto Python files of its own, and to what."""
+    from trainer.jsonfile import read_json
+
+    for name in ("config.json", "tokenizer_config.json"):
+        path = os.path.join(directory, name)
+        data = read_json(path) if os.path.isfile(path) else {}
+        auto_map = data.get("auto_map") if isinstance(data, dict) else None
+        if isinstance(auto_map, dict) and auto_map:
+            targets = sorted({t for v in auto_map.values() for t in (v if isinstance(v, list) else [v]) if t})
+            return f"{name} auto_map: {', '.join(targets)}"
+    return None
+
+
 def check_cross_group(config: Config) -> None:
     """Checks that involve more than one field, or the file system."""
     if config.resume not in ("auto", "never") and not os.path.exists(config.resume):
@@ -68,6 +82,13 @@ def check_cross_group(config: Config) -> None:
     has_config = model.path is not None and os.path.isfile(os.path.join(model.path, "config.json"))
     if model.path is not None and os.path.isdir(model.path) and not has_config:
         raise ConfigError("model.path", f"{model.path!r} has no config.json: give a Hugging Face model dir")
+    if not model.trust_remote_code:
+        for key, directory in (("model.path", model.path), ("model.tokenizer", model.tokenizer)):
+            shipped = _custom_code(directory) if directory and os.path.isdir(directory) else None
+            if shipped:
+                raise ConfigError("model.trust_remote_code", f"{key} {directory!r} ships its own Python code "
+                                  f"({shipped}); it runs only with model.trust_remote_code=true: set that if you "
+                                  "trust its source")
     if (config.data.path and not any(ch in config.data.path for ch in "*?[") and not os.path.exists(config.data.path)
             and not _looks_like_hub_id(config.data.path)):
         raise ConfigError("data.path", f"{config.data.path!r} does not exist")
