@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--base-too", action="store_true", help="also answer with the base model, adapters off")
     parser.add_argument("--json", action="store_true", help="one JSON object per answer: adapter, prompt, output")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run Python code that the model dir ships (auto_map); off unless you trust its source")
     return parser
 
 
@@ -157,11 +159,12 @@ def render(requests: list[Request], template, tokenizer) -> list[str]:
     return texts
 
 
-def load_models(source: str, adapters: list[tuple[str, str]]):
+def load_models(source: str, adapters: list[tuple[str, str]], trust_remote_code: bool = False):
     """(model, tokenizer, adapter names in order, run config for the template)."""
     from transformers import AutoTokenizer
 
-    from trainer.adapters import load_adapter_model, load_base_for_adapter, read_run_config
+    from trainer.adapters import load_adapter_model, load_base_for_adapter, read_adapter_config, read_run_config
+    from trainer.remote_code import refuse_untrusted
 
     source = final_dir(source)
     if is_adapter(source):  # a PEFT run: its adapter goes first, named after the run dir
@@ -172,20 +175,24 @@ def load_models(source: str, adapters: list[tuple[str, str]]):
         base_dir = source
     run_config = read_run_config(source) or (read_run_config(adapters[0][1]) if adapters else {})
     tokenizer_dir = source if os.path.isfile(os.path.join(source, "tokenizer_config.json")) else base_dir
+    base_of_adapter = read_adapter_config(adapters[0][1]).get("base_model_name_or_path") if adapters else None
+    for directory in {base_dir or base_of_adapter, tokenizer_dir}:  # before transformers imports any of it
+        refuse_untrusted(directory, trust_remote_code, "--trust-remote-code")
+    trust = {"trust_remote_code": trust_remote_code}
     if not adapters:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto").float()
-        return model.eval(), AutoTokenizer.from_pretrained(tokenizer_dir), [], run_config
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto", **trust).float()
+        return model.eval(), AutoTokenizer.from_pretrained(tokenizer_dir, **trust), [], run_config
     first_name, first_path = adapters[0]
-    base = load_base_for_adapter(first_path, base_path=base_dir, dtype="fp32")
+    base = load_base_for_adapter(first_path, base_path=base_dir, dtype="fp32", **trust)
     model = load_adapter_model(base, first_path, first_name)
     if len(adapters) > 1 and model.active_peft_config.is_prompt_learning:
         raise UserError(f"generate: {first_name} is a prompt/prefix-tuning adapter, which PEFT cannot hold beside "
                         "other adapters: give it alone")
     for name, path in adapters[1:]:
         model.load_adapter(path, adapter_name=name)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or first_path)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or first_path, **trust)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer, [name for name, _ in adapters], run_config
@@ -220,7 +227,7 @@ def main(argv: list[str]) -> int:
         raise UserError(f"generate: {args.source!r} is not a model dir or run dir")
     adapters = parse_adapters(args.adapter)
     requests = read_requests(args.prompts, args.prompts_file)
-    model, tokenizer, names, run_config = load_models(args.source, adapters)
+    model, tokenizer, names, run_config = load_models(args.source, adapters, args.trust_remote_code)
     template = choose_template(args.template, tokenizer, run_config)
     texts = render(requests, template, tokenizer)
     answers = generate_all(model, tokenizer, texts, names, args.max_new_tokens, args.base_too)

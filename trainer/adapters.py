@@ -233,7 +233,7 @@ def read_run_config(adapter_dir: str) -> dict:
 
 
 def load_base_for_adapter(adapter_dir: str, base_path: str | None = None, dtype: str = "auto",
-                          dequantize: bool = False):
+                          dequantize: bool = False, trust_remote_code: bool = False):
     """The base model an adapter was trained on: 4-bit as in training for a QLoRA run (de-quantised when
     `dequantize`), else in `dtype` (fp32 | bf16 | fp16 | auto: the checkpoint's own; for QLoRA, the compute dtype)."""
     from transformers import AutoModelForCausalLM
@@ -246,7 +246,8 @@ def load_base_for_adapter(adapter_dir: str, base_path: str | None = None, dtype:
     run = read_run_config(adapter_dir)
     peft_section = dict(run.get("peft") or {})
     if peft_section.get("name") != "qlora":
-        return AutoModelForCausalLM.from_pretrained(base_path, dtype="auto" if dtype == "auto" else torch_dtype(dtype))
+        return AutoModelForCausalLM.from_pretrained(base_path, dtype="auto" if dtype == "auto" else torch_dtype(dtype),
+                                                    trust_remote_code=trust_remote_code)
     from types import SimpleNamespace
 
     from trainer.model import adapt_4bit_layers, quantization_config
@@ -257,7 +258,8 @@ def load_base_for_adapter(adapter_dir: str, base_path: str | None = None, dtype:
     quantization = quantization_config(SimpleNamespace(**settings), precision)
     compute = quantization.bnb_4bit_compute_dtype
     model = adapt_4bit_layers(AutoModelForCausalLM.from_pretrained(base_path, dtype=compute,
-                                                                   quantization_config=quantization))
+                                                                   quantization_config=quantization,
+                                                                   trust_remote_code=trust_remote_code))
     if dequantize:
         model = model.dequantize()
         model.to(compute if dtype == "auto" else torch_dtype(dtype))
@@ -275,7 +277,8 @@ def load_adapter_model(base, adapter_dir: str, name: str = "default"):
     return model.eval()
 
 
-def merge_adapter(adapter_dir: str, out_dir: str, base_path: str | None = None, dtype: str = "auto") -> str:
+def merge_adapter(adapter_dir: str, out_dir: str, base_path: str | None = None, dtype: str = "auto",
+                  trust_remote_code: bool = False) -> str:
     """Fold an additive adapter (LoRA, rsLoRA, DoRA, IA3; QLoRA into its de-quantised base) into the base weights and
     write a plain Hugging Face model dir (with the tokenizer when the adapter dir has one). Returns `out_dir`.
 
@@ -288,7 +291,7 @@ def merge_adapter(adapter_dir: str, out_dir: str, base_path: str | None = None, 
         raise UserError(f"{adapter_dir!r} holds a {peft_type or 'unknown'} adapter: only additive adapters (LoRA, "
                         "DoRA, IA3, QLoRA) merge into the base weights; prompt and prefix tuning add virtual tokens, "
                         "load them with the base instead (trainer generate --adapter)")
-    base = load_base_for_adapter(adapter_dir, base_path, dtype, dequantize=True)
+    base = load_base_for_adapter(adapter_dir, base_path, dtype, dequantize=True, trust_remote_code=trust_remote_code)
     merged = load_adapter_model(base, adapter_dir).merge_and_unload()
     os.makedirs(out_dir, exist_ok=True)
     merged.save_pretrained(out_dir)
@@ -296,5 +299,6 @@ def merge_adapter(adapter_dir: str, out_dir: str, base_path: str | None = None, 
 
     has_own = os.path.isfile(os.path.join(adapter_dir, "tokenizer_config.json"))
     base_path = base_path or config.get("base_model_name_or_path")
-    AutoTokenizer.from_pretrained(adapter_dir if has_own else base_path).save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(adapter_dir if has_own else base_path,
+                                  trust_remote_code=trust_remote_code).save_pretrained(out_dir)
     return out_dir

@@ -11,6 +11,7 @@ from typing import Any
 
 from trainer.config.schema import Config
 from trainer.errors import ConfigError
+from trainer.remote_code import shipped_code
 
 SECTIONS = ("run", "model", "data", "peft", "strategy", "optim", "train", "eval", "checkpoint", "logger",
             "launcher", "paths", "hardware")
@@ -58,20 +59,6 @@ def validate_sections(cfg: Any, sections: tuple[str, ...]) -> dict[str, Any]:
     return typed
 
 
-def _custom_code(directory: str) -> str | None:
-    """Which file of a model dir maps transformers' Auto classes onto Python files of its own, and to what."""
-    from trainer.jsonfile import read_json
-
-    for name in ("config.json", "tokenizer_config.json"):
-        path = os.path.join(directory, name)
-        data = read_json(path) if os.path.isfile(path) else {}
-        auto_map = data.get("auto_map") if isinstance(data, dict) else None
-        if isinstance(auto_map, dict) and auto_map:
-            targets = sorted({t for v in auto_map.values() for t in (v if isinstance(v, list) else [v]) if t})
-            return f"{name} auto_map: {', '.join(targets)}"
-    return None
-
-
 def check_cross_group(config: Config) -> None:
     """Checks that involve more than one field, or the file system."""
     if config.resume not in ("auto", "never") and not os.path.exists(config.resume):
@@ -84,7 +71,7 @@ def check_cross_group(config: Config) -> None:
         raise ConfigError("model.path", f"{model.path!r} has no config.json: give a Hugging Face model dir")
     if not model.trust_remote_code:
         for key, directory in (("model.path", model.path), ("model.tokenizer", model.tokenizer)):
-            shipped = _custom_code(directory) if directory and os.path.isdir(directory) else None
+            shipped = shipped_code(directory)
             if shipped:
                 raise ConfigError("model.trust_remote_code", f"{key} {directory!r} ships its own Python code "
                                   f"({shipped}); it runs only with model.trust_remote_code=true: set that if you "

@@ -63,8 +63,8 @@ def _model_config(source):
 
     from trainer.model import load_model_config
 
-    if source.kind == "final":
-        return AutoConfig.from_pretrained(source.location)
+    if source.kind == "final":  # the run's own model.trust_remote_code decides, as it did in training
+        return AutoConfig.from_pretrained(source.location, trust_remote_code=source.config.model.trust_remote_code)
     return load_model_config(source.config.model)  # the architecture trained; the weights come from the checkpoint
 
 
@@ -81,7 +81,8 @@ def _save_tokenizer(source, out_dir: str) -> None:
     if source.kind == "final":
         from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(source.location).save_pretrained(out_dir)
+        AutoTokenizer.from_pretrained(source.location, trust_remote_code=source.config.model.trust_remote_code
+                                      ).save_pretrained(out_dir)
     else:
         load_tokenizer(source.config.model).save_pretrained(out_dir)  # as training used it (pad token included)
 
@@ -144,7 +145,8 @@ def write_merged(source, out_dir: str, dtype: str) -> dict:
         adapter_report = write_adapter(source, scratch, "auto")
         # merge_adapter reads QLoRA's quantisation settings from the run config beside the adapter
         shutil.copy(os.path.join(source.run_dir, "config.yaml"), os.path.join(scratch, "config.yaml"))
-        merge_adapter(scratch, out_dir, base_path=source.config.model.path, dtype=dtype)
+        merge_adapter(scratch, out_dir, base_path=source.config.model.path, dtype=dtype,
+                      trust_remote_code=source.config.model.trust_remote_code)
     files = sorted(f for f in os.listdir(out_dir) if f.endswith(".safetensors"))
     total = sum(os.path.getsize(os.path.join(out_dir, f)) for f in files)
     return {"tensors": None, "bytes": total, "files": files, "adapter_tensors": adapter_report["tensors"],
