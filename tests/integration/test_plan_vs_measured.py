@@ -31,9 +31,9 @@ prefetch bucket that holds the whole tiny model. What it over-counts: gradients,
 comes at the loss before any weight gradient exists (with gradient accumulation they do exist).
 
 LoRA runs with peft.dropout=0: CPU dropout keeps an fp32 mask per adapter input where CUDA keeps one byte (the
-per-layer tests in tests/unit/test_plan_memory.py check both). The single/QLoRA CLI case needs `peft=qlora`
-(conf/peft/qlora.yaml, issue 6) and is skipped without it; test_qlora_step_measured_directly builds QLoRA the way
-trainer/model.py does with transformers, peft and bitsandbytes, so QLoRA stays checked either way.
+per-layer tests in tests/unit/test_plan_memory.py check both). test_qlora_step_measured_directly also builds QLoRA
+the way trainer/model.py does, with transformers, peft and bitsandbytes, outside the trainer. On a GPU,
+tests/gpu/test_cuda.py compares the plan with torch.cuda.max_memory_allocated for a 1.1B model.
 """
 
 from __future__ import annotations
@@ -65,15 +65,11 @@ CASES = {
     "fsdp/full": (2, ("strategy=fsdp", "peft=none")),
     "zero3/full": (2, ("strategy=zero3", "peft=none")),
 }
-QLORA_MISSING = ("trainer train has no peft=qlora: conf/peft/qlora.yaml and 4-bit base loading in trainer/model.py "
-                 "come with issue 6 (PEFT breadth, QLoRA); test_qlora_step_measured_directly checks QLoRA meanwhile")
 
 
 def case_params():
     for name, (ranks, _) in CASES.items():
         marks = [pytest.mark.distributed] if ranks > 1 else []
-        if name == "single/qlora" and not (REPO / "conf" / "peft" / "qlora.yaml").is_file():
-            marks.append(pytest.mark.skip(reason=QLORA_MISSING))
         yield pytest.param(name, marks=marks, id=name.replace("/", "-"))
 
 
@@ -165,7 +161,7 @@ def test_qlora_step_measured_directly(tmp_path):
     (double quantisation) by bitsandbytes on CPU, peft's prepare_model_for_kbit_training (unquantised weights to
     fp32), LoRA r=16 on all linear layers (fp32 adapters, dropout 0), AdamW, one bf16-autocast step on a batch of
     8 x 256 tokens with the recipe's loss, measured as in comparison 2 against `trainer.plan` for single + qlora.
-    It keeps QLoRA checked where the CLI case is skipped."""
+    It checks QLoRA without the trainer's own loading code in between."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")

@@ -1,0 +1,99 @@
+"""What only a CUDA machine can show: bf16 training on the GPU, NCCL ranks, flash attention on packed rows, and the
+planner against `torch.cuda.max_memory_allocated` for a ~1B model. Skipped without a GPU (`pytest -m gpu` on one).
+
+Each test runs the real CLI, as the CPU tests do; only the device differs. Run them, and `make bench`, on a lent
+GPU and quote the card with the figures (tests print theirs with `-s`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import read_summary, run_cli, train_losses
+
+
+def _cuda_devices() -> int:
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_cuda_devices() == 0, reason="needs a CUDA GPU")]
+
+QUIET = ("eval.max_batches=1", "eval.generate_samples=0", "logger.progress=false", "logger.plot=false",
+         "checkpoint.every_n_steps=0")
+# TinyLlama-1.1B's shape with random weights: big enough that the CUDA allocator's peak is the model's, not noise.
+LLAMA_1B = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 2048,
+            "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4,
+            "vocab_size": 32000, "max_position_embeddings": 2048, "tie_word_embeddings": False, "rms_norm_eps": 1e-5,
+            "torch_dtype": "bfloat16"}
+TOLERANCE = 0.15  # issue 8's bound on predicted vs measured peak memory
+
+
+def test_bf16_lora_on_one_gpu_trains_and_reports_the_cuda_peak(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli("train", f"run.dir={run_dir}", *QUIET, "train.precision=bf16", "train.max_steps=40",
+                     timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses, summary = train_losses(run_dir), read_summary(run_dir)
+    assert losses[max(losses)] < 0.5 * losses[min(losses)]
+    # The allocator's peak, not the process's resident set: the tiny model needs well under 1 GiB on the GPU.
+    assert 0 < summary["peak_memory_bytes"] < 2**30
+    print(f"\ntiny model, bf16 LoRA, 1 GPU: {summary['tokens_per_second']:,.0f} tokens/s, "
+          f"peak {summary['peak_memory_bytes'] / 2**20:.0f} MiB")
+
+
+@pytest.mark.skipif(_cuda_devices() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero3"])
+def test_two_nccl_ranks_match_one_gpu(strategy, tmp_path):
+    common = (*QUIET, "train.precision=bf16", "train.max_steps=6", "train.micro_batch_size=2",
+              "train.global_batch_size=8", "peft=none", "optim.lr=2e-4")
+    single = run_cli("train", f"run.dir={tmp_path / 'single'}", *common, timeout=900)
+    assert single.returncode == 0, single.stderr[-3000:]
+    two = run_cli("train", f"run.dir={tmp_path / strategy}", *common, f"strategy={strategy}",
+                  "launcher.nproc_per_node=2", timeout=900)
+    assert two.returncode == 0, two.stderr[-3000:]
+    expected, losses = train_losses(tmp_path / "single"), train_losses(tmp_path / strategy)
+    for step, loss in losses.items():  # bf16: equal to bf16 rounding, not to fp32's 1e-3
+        assert loss == pytest.approx(expected[step], rel=2e-2), f"step {step}"
+
+
+def test_flash_attention_on_packed_rows_matches_sdpa(tmp_path):
+    pytest.importorskip("flash_attn", reason="flash-attn is not installed")
+    common = (*QUIET, "train.precision=bf16", "train.max_steps=4", "optim.lr=2e-4")
+    runs = {}
+    for attention in ("sdpa", "flash_attention_2"):
+        result = run_cli("train", f"run.dir={tmp_path / attention}", *common,
+                         f"model.attn_implementation={attention}", timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[attention] = train_losses(tmp_path / attention)
+    # Packed rows: sdpa masks each sample off with a block-diagonal mask, flash attention with varlen boundaries.
+    for step, loss in runs["flash_attention_2"].items():
+        assert loss == pytest.approx(runs["sdpa"][step], rel=2e-2), f"step {step}"
+
+
+@pytest.mark.parametrize("peft", ["lora", "qlora"])
+def test_planned_peak_of_a_1b_model_matches_cuda(peft, tmp_path):
+    """`trainer plan`'s configured total less its margin (the CUDA context and fragmentation, which the allocator's
+    peak does not see) against summary.json's torch.cuda.max_memory_allocated, within 15%."""
+    model = tmp_path / "llama-1b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAMA_1B))
+    overrides = (f"model.path={model}", "model.init=random", "model.tokenizer=${asset:tiny-llama}", f"peft={peft}",
+                 "peft.dropout=0", "train.precision=bf16", "train.micro_batch_size=2", "train.global_batch_size=2",
+                 "data.max_seq_len=1024", "train.gradient_checkpointing=true")
+    plan = run_cli("plan", "--json", *overrides, "hardware.gpu_memory_gb=80", timeout=120)
+    assert plan.returncode == 0, plan.stderr
+    parts = json.loads(plan.stdout)["configured"]["bytes_per_gpu"]
+    predicted = parts["total"] - parts["margin"]
+    result = run_cli("train", f"run.dir={tmp_path / 'run'}", *overrides, *QUIET, "train.max_steps=3", timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = read_summary(Path(tmp_path / "run"))["peak_memory_bytes"]
+    print(f"\n1.1B {peft}: predicted {predicted / 2**30:.2f} GiB, measured {measured / 2**30:.2f} GiB "
+          f"({predicted / measured - 1:+.1%})")
+    assert predicted == pytest.approx(measured, rel=TOLERANCE)
