@@ -20,10 +20,31 @@ def _task(cfg) -> int:
     cfg.run.dir = os.path.abspath(cfg.run.dir)  # the frozen config names its own dir wherever the job runs
     config = to_config(cfg)
     config = resolve_auto_strategy(config)  # strategy=auto -> a concrete strategy, frozen as such (else unchanged)
+    fresh = not os.path.exists(os.path.join(config.run.dir, "config.yaml"))
     save_frozen(config, config.run.dir)
     if point is not None:
         record_point(config.run.dir, point)
-    return launch_run(config, wait=needs_result(point))
+    try:
+        return launch_run(config, wait=needs_result(point))
+    except UserError:
+        if fresh:
+            _remove_if_it_never_trained(config.run.dir)
+        raise
+
+
+def _remove_if_it_never_trained(run_dir: str) -> None:
+    """A run dir this command created, whose run stopped on a user error (bad data, a checkpoint that cannot load,
+    a refused submission) before its first step: it holds only the frozen config, so nothing of value goes with
+    it, and a corrected command starts clean instead of resuming from it. Anything trained is kept."""
+    import shutil
+
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    trained = os.path.isdir(os.path.join(run_dir, "checkpoints")) or os.path.isdir(os.path.join(run_dir, "final"))
+    if not trained and os.path.isfile(metrics):
+        with open(metrics, encoding="utf-8") as fh:
+            trained = any('"step"' in line for line in fh)
+    if not trained:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _sweep_result(cfg):

@@ -91,6 +91,20 @@ def test_train_reports_bad_data_the_same_way(tmp_path):
     result = run_cli("train", f"run.dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}",
                      f"data.path={path}", "data.format=chat", timeout=120)
     assert_one_line_error(result, f"{path}:2: ", "unknown role 'bot'")
+    # The run dir that command created held only its frozen config: it goes, so the corrected command starts clean.
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_dir_that_already_trained_is_kept_when_a_relaunch_fails(tmp_path):
+    run_dir = tmp_path / "run"
+    quick = ("train.max_steps=2", "train.micro_batch_size=4", "train.global_batch_size=4", "eval.max_batches=1",
+             "eval.generate_samples=0", "logger.progress=false", "logger.plot=false", "checkpoint.every_n_steps=2")
+    trained = run_cli("train", f"run.dir={run_dir}", *quick, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    result = run_cli("train", f"run.dir={run_dir}", *quick, "train.max_steps=4",
+                     f"data.path={BAD / 'unknown_role.jsonl'}", "data.format=chat", timeout=120)
+    assert result.returncode == 2
+    assert (run_dir / "checkpoints" / "step-000002" / "COMMITTED").is_file() and (run_dir / "final").is_dir()
 
 
 @pytest.mark.parametrize("override,fragments", [
