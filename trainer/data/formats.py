@@ -86,13 +86,18 @@ def _object(record: Record, what: str) -> dict:
     return record.data
 
 
+def _missing(record: Record, data: dict, key: str, expected: str) -> DataError:
+    """The one wording of a missing field: which, what was expected, and which fields the record does have."""
+    present = ", ".join(sorted(map(str, data))) or "none"
+    return DataError(record.path, record.line, f"missing field {key!r} (expected {expected}; fields present: "
+                     f"{present})")
+
+
 def _text(record: Record, data: dict, key: str, what: str, required: bool = True) -> str:
     value = data.get(key)
     if value is None:
         if required:
-            present = ", ".join(sorted(map(str, data))) or "none"
-            raise DataError(record.path, record.line, f"missing field {key!r} (expected {what}; fields present: "
-                            f"{present})")
+            raise _missing(record, data, key, what)
         return ""
     if not isinstance(value, str):
         raise DataError(record.path, record.line, f"field {key!r} is {_type_name(value)} (expected a string)")
@@ -165,9 +170,7 @@ def parse_alpaca(record: Record, columns: dict, source: int = 0) -> Example:
 def parse_chat(record: Record, columns: dict, source: int = 0) -> Example:
     data = _object(record, f"an object with {columns['messages']!r}")
     if columns["messages"] not in data:
-        present = ", ".join(sorted(map(str, data))) or "none"
-        raise DataError(record.path, record.line, f"missing field {columns['messages']!r} (expected a list of "
-                        f"{{role, content}} messages; fields present: {present})")
+        raise _missing(record, data, columns["messages"], "a list of {role, content} messages")
     messages = _messages(record, data[columns["messages"]], columns["messages"], columns, CHAT_ROLES,
                          "system, user, assistant")
     return _conversation(record, messages, source)
@@ -176,9 +179,7 @@ def parse_chat(record: Record, columns: dict, source: int = 0) -> Example:
 def parse_sharegpt(record: Record, columns: dict, source: int = 0) -> Example:
     data = _object(record, f"an object with {columns['messages']!r}")
     if columns["messages"] not in data:
-        present = ", ".join(sorted(map(str, data))) or "none"
-        raise DataError(record.path, record.line, f"missing field {columns['messages']!r} (expected a list of "
-                        f"{{from, value}} turns; fields present: {present})")
+        raise _missing(record, data, columns["messages"], "a list of {from, value} turns")
     messages = _messages(record, data[columns["messages"]], columns["messages"], columns, SHAREGPT_ROLES,
                          "human, gpt, system")
     system = _text(record, data, columns["system"], "a string", required=False)
@@ -220,9 +221,8 @@ def parse_preference(record: Record, columns: dict, source: int = 0) -> Example:
     data = _object(record, "an object with prompt, chosen and rejected")
     for key in (columns["chosen"], columns["rejected"]):
         if data.get(key) is None:
-            present = ", ".join(sorted(map(str, data))) or "none"
-            raise DataError(record.path, record.line, f"missing field {key!r} (expected a preference record with "
-                            f"{columns['chosen']!r} and {columns['rejected']!r}; fields present: {present})")
+            raise _missing(record, data, key, f"a preference record with {columns['chosen']!r} and "
+                           f"{columns['rejected']!r}")
     chosen = _preference_side(record, data[columns["chosen"]], columns["chosen"], columns)
     rejected = _preference_side(record, data[columns["rejected"]], columns["rejected"], columns)
     raw_prompt = data.get(columns["prompt"])
