@@ -16,6 +16,16 @@ def asset_path(name: str) -> str:
     return str(ASSETS_DIR / name)
 
 
+DEMO_TRAIN_FILE = "demo-facts/train.jsonl"
+
+
+def with_demo_data(value: str, *, _root_) -> str | None:
+    """`${with_demo_data:FILE}`: FILE while data.path is the demo's training file, else null. The demo's validation
+    and forgetting files belong to its data: `data.path=my.jsonl` drops them, while a file the user names for those
+    keys replaces the interpolation itself and always stays."""
+    return value if _root_.data.path == asset_path(DEMO_TRAIN_FILE) else None
+
+
 def setup_hydra() -> None:
     """Register schemas and resolvers (idempotent). Hydra re-raises errors so we can word them."""
     from omegaconf import OmegaConf
@@ -26,6 +36,8 @@ def setup_hydra() -> None:
     register_schemas()
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", asset_path)
+    if not OmegaConf.has_resolver("with_demo_data"):
+        OmegaConf.register_new_resolver("with_demo_data", with_demo_data)
 
 
 # Sections whose keys are the user's own (a config.json's fields, DeepSpeed JSON keys): new keys need Hydra's '+'.

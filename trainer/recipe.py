@@ -60,6 +60,9 @@ class Recipe:
         self.tokenizer = load_tokenizer(config.model)
         self.data = build_datasets(config.data, self.tokenizer, config.seed, cache_dir=config.paths.cache_dir)
         self.logger.info(self.data.report.summary_line())
+        from trainer.forgetting import build_forgetting_rows
+
+        self.forgetting_rows = build_forgetting_rows(config, self.tokenizer)
         self.accumulation_steps = self._accumulation_steps()
         self.sampler = GlobalBatchSampler(len(self.data.train), config.train.global_batch_size, config.seed,
                                           config.data.shuffle, data_fingerprint=self.data.fingerprint)
@@ -213,8 +216,15 @@ class Recipe:
         return n > 0 and step % n == 0
 
     def _early_stop(self, eval_metrics: dict) -> bool:
-        """Track the best eval loss; True once `early_stopping_patience` evaluations brought no improvement."""
+        """Track the best eval loss; True once `early_stopping_patience` evaluations brought no improvement, or once
+        the forgetting check's loss rose past eval.max_forgetting."""
+        from trainer.forgetting import forgot_too_much
+
         cfg = self.config.eval
+        reason = forgot_too_much(eval_metrics, cfg.max_forgetting)
+        if reason:
+            self.logger.info(f"early stopping at step {self.state.step}: {reason}")
+            return True
         loss = eval_metrics.get("loss", math.inf)
         if loss < self.state.best_eval_loss - cfg.early_stopping_min_delta:
             self.state.best_eval_loss, self.state.evals_without_improvement = loss, 0
@@ -234,6 +244,13 @@ class Recipe:
         cfg = self.config
         metrics = evaluate_loss(self.model, self.data.val, self.strategy, cfg.train.micro_batch_size,
                                 self.tokenizer.pad_token_id, cfg.eval.max_batches)
+        if self.forgetting_rows:
+            from trainer.forgetting import add_increase
+
+            kept = evaluate_loss(self.model, self.forgetting_rows, self.strategy, cfg.train.micro_batch_size,
+                                 self.tokenizer.pad_token_id, cfg.eval.max_batches)
+            metrics.update(forgetting_loss=kept["loss"], forgetting_perplexity=kept["perplexity"])
+            add_increase(metrics, self.state.eval_before or metrics)  # before training: the baseline itself, 0
         if cfg.eval.generate_samples and self.data.val_samples:
             samples = self.data.val_samples[:cfg.eval.generate_samples]
             generated, examples = generation_metrics(self.model, self.tokenizer, samples, self.strategy,
@@ -339,8 +356,10 @@ def _print_result(recipe: Recipe, summary: dict) -> None:
     lines = [f"run {summary['status']}: {summary['steps']} steps in {summary['wall_seconds']} s; "
              f"train loss {summary['train_loss_first']:.4f} -> {summary['train_loss_last']:.4f}"]
     if before or after:
-        lines.append(f"{'metric':<14}{'before':>10}{'after':>10}")
-        for key in sorted(set(before) | set(after)):
-            lines.append(f"{key:<14}{before.get(key, float('nan')):>10.4f}{after.get(key, float('nan')):>10.4f}")
+        keys = sorted(set(before) | set(after))
+        width = max(len("metric"), *map(len, keys)) + 2
+        lines.append(f"{'metric':<{width}}{'before':>10}{'after':>10}")
+        for key in keys:
+            lines.append(f"{key:<{width}}{before.get(key, float('nan')):>10.4f}{after.get(key, float('nan')):>10.4f}")
     lines.append(f"run dir: {recipe.run_dir}  (summary.json, metrics.jsonl, loss_curve.png, final/)")
     print("\n".join(lines), flush=True)

@@ -151,10 +151,17 @@ def test_splits_are_seeded_and_explicit_files_replace_ratios(tokenizer, tmp_path
     assert len(deduped.val) == 1 and deduped.report.overlap_removed == 2
 
 
-def test_the_demo_validation_file_is_dropped_when_the_training_file_changes():
-    demo_train, demo_val = "demo/train.jsonl", "demo/val.jsonl"
-    assert _cfg(path=demo_train, val_path=demo_val, val_path_for=demo_train).val_path == demo_val
-    assert _cfg(path="mine.jsonl", val_path=demo_val, val_path_for=demo_train).val_path is None
+def test_the_demo_validation_file_goes_with_the_demo_data_and_a_named_one_stays(tmp_path):
+    from tests.conftest import compose_config
+
+    mine, theirs = str(DATA / "alpaca.json"), str(DATA / "alpaca.csv")
+    demo = compose_config(f"run.dir={tmp_path}")
+    assert demo.data.val_path.endswith("demo-facts/val.jsonl") and demo.eval.forgetting_path.endswith("general.txt")
+    own = compose_config(f"run.dir={tmp_path}", f"data.path={mine}")
+    assert own.data.val_path is None and own.eval.forgetting_path is None  # val_ratio holds out from mine instead
+    named = compose_config(f"run.dir={tmp_path}", f"data.path={mine}", f"data.val_path={theirs}",
+                           f"eval.forgetting_path={theirs}")
+    assert named.data.val_path == theirs and named.eval.forgetting_path == theirs
 
 
 def test_strict_turns_skips_into_errors_naming_the_record():

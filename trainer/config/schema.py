@@ -124,7 +124,6 @@ class DataConfig:
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)  # record keys, e.g. input=context output=response
     template: str = "auto"  # auto (tokenizer's own, else alpaca/chatml) | tokenizer | chatml | llama-3 | alpaca
     val_path: Optional[str] = None  # explicit validation file; otherwise val_ratio of the training data
-    val_path_for: Optional[str] = None  # use val_path only while data.path is this file (overriding path drops it)
     val_ratio: float = 0.05  # share of training records held out for evaluation when val_path is not given
     test_path: Optional[str] = None  # explicit test file; otherwise test_ratio of the training data
     test_ratio: float = 0.0  # share of training records held out as a test split (reported by `trainer data check`)
@@ -140,8 +139,6 @@ class DataConfig:
     cache: bool = True  # cache tokenised data under paths.cache_dir, keyed by a fingerprint of everything it depends on
 
     def __post_init__(self) -> None:
-        if self.val_path_for is not None and self.val_path_for != self.path:
-            self.val_path = None  # the validation file belongs to another training file (e.g. the demo's)
         has_path = self.path is not None and self.path != ""
         require(has_path or bool(self.sources), "path",
                  "is required: a data file, glob, directory or dataset (or give data.sources)")
@@ -340,6 +337,11 @@ class EvalConfig:
     early_stopping_min_delta: float = 0.0  # an improvement must lower eval loss by more than this
     generate_samples: int = 0  # greedy-generate answers for this many validation prompts and score them (0 disables)
     max_new_tokens: int = 32  # generation length for the generation metrics
+    # Forgetting check (trainer/forgetting.py): data the fine-tune should leave alone, evaluated with every evaluation
+    forgetting_path: Optional[str] = None  # a file/glob/dir in any data format; null disables the check
+    forgetting_format: str = "text"  # its format (as data.format)
+    forgetting_max_samples: int = 256  # use at most this many of its records (0: all)
+    max_forgetting: float = 0.0  # stop once its loss rose by more than this fraction since before training (0: off)
 
     def __post_init__(self) -> None:
         non_negative(self.every_n_steps, "every_n_steps", "steps")
@@ -348,6 +350,9 @@ class EvalConfig:
         non_negative(self.early_stopping_min_delta, "early_stopping_min_delta", "a loss difference")
         non_negative(self.generate_samples, "generate_samples")
         require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        one_of(self.forgetting_format, DATA_FORMATS, "forgetting_format")
+        non_negative(self.forgetting_max_samples, "forgetting_max_samples")
+        non_negative(self.max_forgetting, "max_forgetting", "a fraction of the loss before training")
 
 
 @dataclass

@@ -81,6 +81,11 @@ def check_cross_group(config: Config) -> None:
         raise ConfigError("data.path", f"{config.data.path!r} does not exist")
     if config.data.val_path and not os.path.exists(config.data.val_path):
         raise ConfigError("data.val_path", f"{config.data.val_path!r} does not exist")
+    forgetting = config.eval.forgetting_path
+    if forgetting and not any(ch in forgetting for ch in "*?[") and not os.path.exists(forgetting):
+        raise ConfigError("eval.forgetting_path", f"{forgetting!r} does not exist")
+    if config.eval.max_forgetting and not forgetting:
+        raise ConfigError("eval.max_forgetting", "needs eval.forgetting_path: the data whose loss it watches")
     if config.eval.early_stopping_patience and not config.eval.every_n_steps:
         raise ConfigError("eval.early_stopping_patience",
                           "needs periodic evaluation: set eval.every_n_steps > 0 (or patience 0 to disable)")

@@ -18,6 +18,7 @@ from trainer.data.templates import get_template
 from trainer.demo.world import finetuning_splits, make_world, pretraining_corpus
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
+GENERAL_TEXT_SEED = 7  # not the pre-training corpus's seed (1): the same facts in paragraphs it was not trained on
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
 # A ChatML template so the tokenizer carries its own chat format, as real instruction models do.
 CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -65,6 +66,9 @@ def prepare(out_dir: Path) -> None:
     (out_dir / "corpus.txt").write_text("\n\n".join(corpus) + "\n")
     write_jsonl(ASSETS / "demo-facts" / "train.jsonl", train)
     write_jsonl(ASSETS / "demo-facts" / "val.jsonl", val)
+    # The demo's forgetting check: fresh paragraphs in the pre-training style, which fine-tuning should not unlearn.
+    general = pretraining_corpus(world, paragraphs_per_creature=1, seed=GENERAL_TEXT_SEED)
+    (ASSETS / "demo-facts" / "general.txt").write_text("\n\n".join(general) + "\n")
     template = get_template("alpaca")
     prompts = [template.render_prompt(r["instruction"]) + r["output"] for r in train + val]
     init_dir = out_dir / "model-init"

@@ -1,0 +1,66 @@
+"""The forgetting check: loss on data the fine-tune should leave alone, before/during/after, and the stop it drives."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import REPO, assert_one_line_error, compose_config, read_metrics, read_summary, run_cli
+
+FAST = ("train.max_steps=20", "eval.every_n_steps=2", "eval.generate_samples=0", "eval.max_batches=2",
+        "logger.progress=false", "logger.plot=false")
+
+
+def test_the_demo_reports_forgetting_before_during_and_after(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli("train", f"run.dir={run_dir}", *FAST, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = read_summary(run_dir)
+    before, after = summary["eval_before"], summary["eval_after"]
+    assert before["forgetting_increase"] == 0.0 and before["forgetting_loss"] > 0
+    assert after["forgetting_increase"] == pytest.approx(after["forgetting_loss"] / before["forgetting_loss"] - 1)
+    assert sum("eval_forgetting_loss" in r for r in read_metrics(run_dir)) == 1 + 9 + 1  # before, every 2, after
+    assert summary["status"] == "completed"
+
+
+def test_max_forgetting_stops_the_run_when_the_loss_rises_past_it(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli("train", f"run.dir={run_dir}", *FAST, "eval.max_forgetting=0.01", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = read_summary(run_dir)
+    assert summary["status"] == "early_stopped" and summary["steps"] < 20
+    assert "more than eval.max_forgetting=0.01" in result.stderr
+    last = [r for r in read_metrics(run_dir) if "eval_forgetting_increase" in r and r["step"] == summary["steps"]]
+    assert last and last[0]["eval_forgetting_increase"] > 0.01
+
+
+def test_own_data_drops_the_demo_forgetting_text_and_takes_its_own(tmp_path):
+    data = REPO / "tests" / "fixtures" / "data"
+    assert compose_config(f"run.dir={tmp_path}", f"data.path={data / 'alpaca.json'}").eval.forgetting_path is None
+    general = tmp_path / "general.jsonl"
+    general.write_text("".join(json.dumps({"text": f"Plain sentence number {i} about nothing."}) + "\n"
+                               for i in range(16)))
+    run_dir = tmp_path / "run"
+    result = run_cli("train", f"run.dir={run_dir}", f"data.path={data / 'alpaca.json'}", "data.val_ratio=0.2",
+                     f"eval.forgetting_path={general}", "train.max_steps=2", "train.micro_batch_size=2",
+                     "train.global_batch_size=2", "eval.generate_samples=0",
+                     "logger.progress=false", "logger.plot=false", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "forgetting_loss" in read_summary(run_dir)["eval_after"]
+
+
+@pytest.mark.parametrize("override,fragments", [
+    ("eval.forgetting_path=/no/such/file.txt", ["eval.forgetting_path", "does not exist"]),
+    ("eval.forgetting_format=yaml", ["eval.forgetting_format", "'yaml' is not one of"]),
+    ("eval.max_forgetting=-1", ["eval.max_forgetting", ">= 0"]),
+])
+def test_bad_forgetting_settings_are_one_line(override, fragments, tmp_path):
+    assert_one_line_error(run_cli("train", f"run.dir={tmp_path / 'run'}", override, timeout=60), *fragments)
+    assert not (tmp_path / "run").exists()
+
+
+def test_max_forgetting_needs_data_to_watch(tmp_path):
+    result = run_cli("train", f"run.dir={tmp_path / 'run'}", "eval.forgetting_path=null", "eval.max_forgetting=0.1",
+                     timeout=60)
+    assert_one_line_error(result, "eval.max_forgetting", "eval.forgetting_path")
