@@ -20,7 +20,8 @@ def _task(cfg) -> int:
     cfg.run.dir = os.path.abspath(cfg.run.dir)  # the frozen config names its own dir wherever the job runs
     config = to_config(cfg)
     config = resolve_auto_strategy(config)  # strategy=auto -> a concrete strategy, frozen as such (else unchanged)
-    fresh = not os.path.exists(os.path.join(config.run.dir, "config.yaml"))
+    # Ours to remove on failure only if it held nothing before (Hydra may have just created it, empty).
+    fresh = not os.path.isdir(config.run.dir) or not os.listdir(config.run.dir)
     save_frozen(config, config.run.dir)
     if point is not None:
         record_point(config.run.dir, point)

@@ -95,6 +95,16 @@ def test_train_reports_bad_data_the_same_way(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_directory_that_held_the_users_files_is_never_removed(tmp_path):
+    run_dir = tmp_path / "project"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("mine")
+    result = run_cli("train", f"run.dir={run_dir}", f"data.path={BAD / 'unknown_role.jsonl'}", "data.format=chat",
+                     timeout=120)
+    assert result.returncode == 2
+    assert (run_dir / "notes.txt").read_text() == "mine"
+
+
 def test_a_run_dir_that_already_trained_is_kept_when_a_relaunch_fails(tmp_path):
     run_dir = tmp_path / "run"
     quick = ("train.max_steps=2", "train.micro_batch_size=4", "train.global_batch_size=4", "eval.max_batches=1",
