@@ -61,6 +61,24 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
         assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
 
 
+def worker_pids(run_dir: Path) -> list[int]:
+    """PIDs of this run's trainer.worker processes (not torchrun's agent), rank order, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ours = b"trainer.worker" in cmdline and str(run_dir).encode() in cmdline
+        if ours and b"torch.distributed.run" not in cmdline:
+            rank = next((int(v[5:]) for v in environ if v.startswith(b"RANK=")), -1)
+            found.append((rank, int(entry)))
+    return [pid for _, pid in sorted(found)]
+
+
 # A few quick steps of the embedded default, shared by the end-to-end tests.
 QUICK = ("train.max_steps=6", "train.micro_batch_size=4", "train.global_batch_size=8", "eval.max_batches=2",
          "eval.generate_samples=4", "eval.max_new_tokens=8", "logger.progress=false", "logger.plot=true")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, read_metrics, read_summary, run_cli, train_losses
+from tests.conftest import REPO, read_metrics, read_summary, run_cli, train_losses, worker_pids
 
 pytestmark = pytest.mark.distributed
 
@@ -129,24 +129,6 @@ def _wait_for_step(run_dir: Path, step: int, job: subprocess.Popen, timeout: flo
     raise AssertionError(f"step {step} never came (exit code {job.poll()})")
 
 
-def _worker_pids(run_dir: Path) -> list[int]:
-    """PIDs of this run's trainer.worker processes (not torchrun's agent), rank order, from /proc."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ours = b"trainer.worker" in cmdline and str(run_dir).encode() in cmdline
-        if ours and b"torch.distributed.run" not in cmdline:
-            rank = next((int(v[5:]) for v in environ if v.startswith(b"RANK=")), -1)
-            found.append((rank, int(entry)))
-    return [pid for _, pid in sorted(found)]
-
-
 def test_sigusr1_to_one_rank_checkpoints_both_exits_85_and_relaunch_matches(reference, tmp_path):
     """Preemption on rank 1 only (plus a second signal to rank 0 during the stop): both ranks agree on one step,
     save it (asynchronously, with a time-based cadence running too), exit with the requeue code; the relaunch
@@ -157,7 +139,7 @@ def test_sigusr1_to_one_rank_checkpoints_both_exits_85_and_relaunch_matches(refe
             "checkpoint.every_n_minutes=0.002"]
     job = _start(args, tmp_path / "first.log")
     _wait_for_step(run_dir, 2, job)
-    pids = _worker_pids(run_dir)
+    pids = worker_pids(run_dir)
     assert len(pids) == 2, pids
     os.kill(pids[1], signal.SIGUSR1)
     time.sleep(0.05)

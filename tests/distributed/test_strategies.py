@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, read_summary, run_cli, train_losses
+from tests.conftest import REPO, read_summary, run_cli, train_losses, worker_pids
 
 pytestmark = pytest.mark.distributed
 
@@ -101,28 +101,12 @@ def _wait_for_step(run_dir: Path, step: int, timeout: float = 300) -> None:
         time.sleep(0.5)
 
 
-def _worker_pids(run_dir: Path) -> list[int]:
-    """PIDs of the trainer.worker processes of this run (not the torchrun agent), from /proc."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        is_worker = b"trainer.worker" in cmdline and b"torch.distributed.run" not in cmdline
-        if is_worker and str(run_dir).encode() in cmdline:
-            pids.append(int(entry))
-    return sorted(pids)
-
-
 def test_a_rank_killed_mid_training_ends_the_job_promptly_with_a_clear_message(tmp_path):
     run_dir = tmp_path / "run"
     job = _start(["train", f"run.dir={run_dir}", *COMMON, "strategy=ddp", "peft=none", "launcher.nproc_per_node=2",
                   "train.max_steps=100000"], tmp_path / "out.log")
     _wait_for_step(run_dir, 2)
-    pids = _worker_pids(run_dir)
+    pids = worker_pids(run_dir)
     assert len(pids) == 2, pids
     os.kill(pids[1], signal.SIGKILL)
     killed_at = time.monotonic()
@@ -138,7 +122,7 @@ def test_max_restarts_lets_torchrun_restart_a_killed_worker(tmp_path):
     job = _start(["train", f"run.dir={run_dir}", *COMMON, "strategy=ddp", "peft=none", "launcher.nproc_per_node=2",
                   "launcher.max_restarts=1", "train.max_steps=60", "checkpoint.every_n_steps=5"], tmp_path / "out.log")
     _wait_for_step(run_dir, 6)  # the step-5 checkpoint is committed before step 6 starts
-    pids = _worker_pids(run_dir)
+    pids = worker_pids(run_dir)
     assert len(pids) == 2, (pids, (tmp_path / "out.log").read_text()[-2000:])
     os.kill(pids[0], signal.SIGKILL)
     job.wait(timeout=600)
