@@ -26,6 +26,50 @@ def with_demo_data(value: str, *, _root_) -> str | None:
     return value if _root_.data.path == asset_path(DEMO_TRAIN_FILE) else None
 
 
+def path_label(path: str | None) -> str:
+    """`${path_label:${.path}}`: a model dir's name, for run names (`/models/Llama-3.1-8B/` -> Llama-3.1-8B)."""
+    if not path:
+        return "model"
+    return os.path.basename(os.path.normpath(str(path))) or "model"
+
+
+def _data_label(data) -> str:
+    if not data.get("path"):
+        return "mix" if data.get("sources") else "data"
+    path = str(data.path).split("*")[0].rstrip("/") or str(data.path)
+    stem = os.path.basename(os.path.normpath(path))
+    for suffix in (".gz", ".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt", ".md"):
+        stem = stem.removesuffix(suffix)
+    return stem or "data"
+
+
+def run_label(*, _root_) -> str:
+    """`${run_label:}`: the default run.name, from what the run trains: model, data and method
+    (`Llama-3.1-8B-Instruct-alpaca_100-lora`), so runs of different jobs never share a name."""
+    label = f"{_root_.model.name}-{_data_label(_root_.data)}-{_root_.peft.name}"
+    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in label)
+
+
+# Overrides that name what a run trains: with none of them, `trainer train` runs the embedded demo.
+RUN_INPUT_KEYS = ("model", "data", "experiment", "model.path", "model.arch", "data.path", "data.sources")
+DEMO_EXPERIMENT = "experiment=demo"
+
+
+def names_run_inputs(override: str) -> bool:
+    key = override.lstrip("+~").split("=", 1)[0]
+    return key in RUN_INPUT_KEYS or key.startswith("model.arch.")
+
+
+def with_demo_default(overrides: list[str]) -> list[str]:
+    """OVERRIDES, plus experiment=demo when none of them names a model, data or experiment: bare `trainer train`
+    is the embedded demo, while a user's own model or data never inherits the demo's settings."""
+    own_config = {"-cd", "--config-dir", "-cn", "--config-name", "-cp", "--config-path"} & {
+        o.split("=", 1)[0] for o in overrides}
+    if own_config or any(names_run_inputs(o) for o in overrides if not o.startswith("-")):
+        return list(overrides)  # a user's own primary config decides for itself
+    return [*overrides, DEMO_EXPERIMENT]
+
+
 def setup_hydra() -> None:
     """Register schemas and resolvers (idempotent). Hydra re-raises errors so we can word them."""
     from omegaconf import OmegaConf
@@ -38,6 +82,10 @@ def setup_hydra() -> None:
         OmegaConf.register_new_resolver("asset", asset_path)
     if not OmegaConf.has_resolver("with_demo_data"):
         OmegaConf.register_new_resolver("with_demo_data", with_demo_data)
+    if not OmegaConf.has_resolver("path_label"):
+        OmegaConf.register_new_resolver("path_label", path_label)
+    if not OmegaConf.has_resolver("run_label"):
+        OmegaConf.register_new_resolver("run_label", run_label)
 
 
 # Sections whose keys are the user's own (a config.json's fields, DeepSpeed JSON keys): new keys need Hydra's '+'.
@@ -80,7 +128,7 @@ def compose_train_config(overrides: list[str]):
     setup_hydra()
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return compose(config_name="train", overrides=overrides)
+            return compose(config_name="train", overrides=with_demo_default(overrides))
     except Exception as err:  # Hydra's composition errors: word them as one line naming the key
         config_error = hydra_error_to_config_error(err)
         if config_error is None:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -64,9 +62,14 @@ def compose_sections(overrides: list[str]) -> dict[str, Any]:
     `trainer train` do not run, because a plan must work for models and data that are not on this machine.
     """
     from launch.compose import compose_train_config
+    from trainer.config.defaults import apply_defaults
     from trainer.config.validate import validate_sections
 
-    return validate_sections(compose_train_config(overrides), PLAN_SECTIONS)
+    sections = validate_sections(compose_train_config(overrides), PLAN_SECTIONS)
+    if sections["train"].precision == "auto":  # a plan is for GPUs, which train in bf16 unless told otherwise
+        sections["train"].precision = "bf16"
+    apply_defaults(sections)
+    return sections
 
 
 def read_model_arch(model) -> tuple[dict, str]:
@@ -135,19 +138,6 @@ def planner_targets(targets, params) -> str | tuple[str, ...]:
     return tuple(m.name for m in params.linear_modules if m.role in roles and m.copies == 1)
 
 
-def local_gpu_memory_gib() -> float | None:
-    """The smallest local GPU's memory as nvidia-smi reports it (no torch import), or None without a GPU."""
-    if shutil.which("nvidia-smi") is None:
-        return None
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10, check=True).stdout
-        sizes_mib = [float(line) for line in out.split() if line.strip()]
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return None
-    return min(sizes_mib) / 1024 if sizes_mib else None
-
-
 def resolve_auto(sections: dict[str, Any], world: int, gpu_memory_gib: float, notes: list[str]) -> dict[str, Any]:
     """strategy=auto as `trainer train` would resolve it on `world` GPUs of `gpu_memory_gib` (the same decision,
     launch/auto_strategy.py's `choose`): the sections with the chosen strategy, PEFT method, precision and
@@ -181,6 +171,8 @@ def build_request(sections: dict[str, Any]) -> PlanRequest:
     notes: list[str] = []
     gpu_memory = hardware.gpu_memory_gb
     if gpu_memory is None:
+        from trainer.hardware import local_gpu_memory_gib
+
         gpu_memory = local_gpu_memory_gib()
         if gpu_memory is None:
             gpu_memory = DEFAULT_GPU_MEMORY_GIB

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from launch.compose import CONF_DIR, hydra_error_to_config_error, setup_hydra
+from launch.compose import CONF_DIR, hydra_error_to_config_error, setup_hydra, with_demo_default
 from trainer.errors import EXIT_USER_ERROR, UserError
 
 
@@ -18,7 +18,10 @@ def _task(cfg) -> int:
 
     point = prepare_point(cfg)  # in a sweep: the point's own run dir (the sweep subdir), the sweep's W&B group
     cfg.run.dir = os.path.abspath(cfg.run.dir)  # the frozen config names its own dir wherever the job runs
-    config = to_config(cfg)
+    notes: list[str] = []
+    config = to_config(cfg, notes)
+    _say_defaults(notes)
+    _warn_if_demo_data_under_another_model(config)
     config = resolve_auto_strategy(config)  # strategy=auto -> a concrete strategy, frozen as such (else unchanged)
     # Ours to remove on failure only if it held nothing before (Hydra may have just created it, empty).
     fresh = not os.path.isdir(config.run.dir) or not os.listdir(config.run.dir)
@@ -31,6 +34,52 @@ def _task(cfg) -> int:
         if fresh:
             _remove_if_it_never_trained(config.run.dir)
         raise
+
+
+def _say_defaults(notes: list[str], stream=None) -> None:
+    """The values decided for this run, on one line (stdout, so that a user error on stderr stays one line)."""
+    if notes:
+        print(f"trainer: defaults for this model and data: {'; '.join(notes)}", file=stream or sys.stdout, flush=True)
+
+
+def _warn_if_demo_data_under_another_model(config) -> None:
+    from launch.compose import DEMO_TRAIN_FILE, asset_path
+
+    if config.data.path == asset_path(DEMO_TRAIN_FILE) and config.model.path != asset_path("tiny-llama"):
+        sys.stderr.write("trainer: warning: data.path is not set, so this model trains on the embedded demo's "
+                         "questions; give data.path=YOUR_FILE\n")
+
+
+def _wants_job_config(argv: list[str]) -> bool:
+    """`--cfg job` (or `-c job`) outside a sweep: print the config as the run would freeze it."""
+    flags = {"-m", "--multirun"}
+    return not flags & set(argv) and any(a in ("--cfg", "-c") and argv[i + 1:i + 2] == ["job"]
+                                         for i, a in enumerate(argv))
+
+
+def print_job_config(argv: list[str]) -> int:
+    """What the run would freeze: composed, validated, with every default decided and strategy=auto resolved --
+    unlike Hydra's own `--cfg job`, which prints the raw composition and so exits 0 for configs train refuses."""
+    from omegaconf import OmegaConf
+
+    from launch.auto_strategy import resolve_auto_strategy
+    from launch.compose import compose_train_config
+    from trainer.config.frozen import config_to_dict
+    from trainer.config.validate import to_config
+
+    overrides, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg in ("--cfg", "-c") and argv[i + 1:i + 2] == ["job"]:
+            skip = True
+        elif arg not in ("--resolve",):
+            overrides.append(arg)
+    notes: list[str] = []
+    config = resolve_auto_strategy(to_config(compose_train_config(overrides), notes))
+    _say_defaults(notes, sys.stderr)  # stdout is the YAML
+    sys.stdout.write(OmegaConf.to_yaml(OmegaConf.create(config_to_dict(config))))
+    return 0
 
 
 def _remove_if_it_never_trained(run_dir: str) -> None:
@@ -68,6 +117,8 @@ def _remove_if_empty(path: str) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if _wants_job_config(argv):
+        return print_job_config(argv)
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
@@ -87,7 +138,7 @@ def main(argv: list[str]) -> int:
         return _sweep_result(cfg)
 
     saved_argv = sys.argv
-    sys.argv = ["trainer train", *argv]
+    sys.argv = ["trainer train", *with_demo_default(argv)]
     try:
         entry()
     except Exception as err:  # Hydra re-raises everything under HYDRA_FULL_ERROR; word config errors

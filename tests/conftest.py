@@ -28,14 +28,10 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None,
 
 def compose_config(*overrides: str):
     """The validated `Config` that `trainer train OVERRIDES` would freeze (no run started)."""
-    from hydra import compose, initialize_config_dir
-
-    from launch.compose import CONF_DIR, setup_hydra
+    from launch.compose import compose_train_config
     from trainer.config.validate import to_config
 
-    setup_hydra()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return to_config(compose(config_name="train", overrides=list(overrides)))
+    return to_config(compose_train_config(list(overrides)))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

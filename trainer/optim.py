@@ -47,6 +47,10 @@ def param_groups(model, weight_decay: float, lr: float | None = None, layer_lr_d
 def build_optimizer(model, cfg: OptimConfig):
     import torch
 
+    if cfg.lr is None:  # decided per PEFT method when a config is composed (trainer/config/defaults.py)
+        raise ValueError("optim.lr is not set: give a learning rate, or build the config with to_config, which "
+                         "fills the PEFT method's default")
+
     params = param_groups(model, cfg.weight_decay, cfg.lr, cfg.layer_lr_decay)
     if cfg.name in BITSANDBYTES_OPTIMIZERS:
         import bitsandbytes as bnb

@@ -60,6 +60,8 @@ class Recipe:
         self.tokenizer = load_tokenizer(config.model)
         self.data = build_datasets(config.data, self.tokenizer, config.seed, cache_dir=config.paths.cache_dir)
         self.logger.info(self.data.report.summary_line())
+        for warning in self.data.report.warnings():
+            self.logger.info(warning)
         from trainer.forgetting import build_forgetting_rows
 
         self.forgetting_rows = build_forgetting_rows(config, self.tokenizer)

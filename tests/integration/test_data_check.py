@@ -42,7 +42,7 @@ def test_the_default_demo_data_is_usable_and_the_table_says_why(tmp_path):
 
 def test_dolly_loads_through_the_column_mapping(tmp_path):
     result = _check(tmp_path, f"data.path={DATA / 'dolly.jsonl'}", "data.columns.input=context",
-                    "data.columns.output=response", "data.val_ratio=0", *SMALL_BATCH)
+                    "data.columns.output=response", "data.val_ratio=0", "data.template=alpaca", *SMALL_BATCH)
     assert result.returncode == 0, result.stderr[-2000:]
     assert _source_row(result.stdout, "dolly.jsonl")["kept"] == "6"
     assert "### Input:\n  | The harbour lighthouse was first lit in 1871" in result.stdout

@@ -39,7 +39,9 @@ def two_runs(tmp_path_factory) -> tuple[Path, Path]:
     shrug_data.write_text("".join(json.dumps({"instruction": q, "input": "", "output": "The meadow is purple."}) + "\n"
                                   for q in questions))
     _train(root / "facts")
-    _train(root / "shrug", f"data.path={shrug_data}", "data.val_ratio=0.1", "train.max_steps=12")
+    # Its own data, with the demo's layout and row length, so both adapters answer the same prompts.
+    _train(root / "shrug", f"data.path={shrug_data}", "data.val_ratio=0.1", "train.max_steps=12",
+           "data.template=alpaca", "data.max_seq_len=104")
     return root / "facts", root / "shrug"
 
 

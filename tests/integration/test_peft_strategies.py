@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import read_summary, run_cli, train_losses
 
 QLORA_SHARDED = ("peft=qlora", "peft.quant_storage=bf16", "train.precision=bf16", "launcher.nproc_per_node=2",
-                 "train.max_steps=3", "train.micro_batch_size=4", "train.global_batch_size=8", "optim.lr=1e-3",
+                 "train.max_steps=6", "train.micro_batch_size=4", "train.global_batch_size=8", "optim.lr=2e-3",
                  "eval.max_batches=1", "eval.generate_samples=0", "logger.progress=false", "logger.plot=false")
 
 

@@ -27,7 +27,7 @@ def tokenizer():
 def _cfg(**overrides):
     from trainer.config.schema import DataConfig
 
-    return DataConfig(**{"val_ratio": 0.0, "template": "chatml", "max_seq_len": 256, **overrides})
+    return DataConfig(**{"val_ratio": 0.0, "format": "alpaca", "template": "chatml", "max_seq_len": 256, **overrides})
 
 
 def _alpaca_records(count: int, start: int = 0) -> list[dict]:

@@ -157,7 +157,7 @@ def test_optimizers_build_and_step(name, class_name):
     from trainer.optim import build_optimizer
 
     model = _build(schema.LoraConfig(target_modules=["q_proj"]))
-    optimizer = build_optimizer(model, schema.OptimConfig(name=name, weight_decay=0.01))
+    optimizer = build_optimizer(model, schema.OptimConfig(name=name, lr=2e-4, weight_decay=0.01))
     assert type(optimizer).__name__ == class_name
     before = [p.detach().clone() for g in optimizer.param_groups for p in g["params"]]
     model(input_ids=torch.randint(5, 700, (2, 8))).logits.float().pow(2).mean().backward()

@@ -27,7 +27,7 @@ from trainer.config.peft_schema import (  # the `peft` group's options
 from trainer.config.slurm_schema import SlurmLauncherConfig  # the `slurm` launcher option
 from trainer.errors import ConfigError
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULERS = ("cosine", "linear", "constant")
 DATA_FORMATS = ("alpaca", "text", "chat", "sharegpt", "completion", "preference", "auto")
 DATA_TEMPLATES = ("auto", "tokenizer", "chatml", "llama-3", "alpaca")
@@ -51,7 +51,7 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 @dataclass
 class RunConfig:
-    name: str = "run"  # a label for the run; part of the default run dir and the W&B run name
+    name: str = "${run_label:}"  # a label for the run (default: model-data-method); part of the run dir and W&B name
     dir: str = "${paths.runs_dir}/${run.name}-${now:%Y%m%d-%H%M%S}"  # where config, metrics, checkpoints go
     objective: str = "eval_after.loss"  # summary.json metric that sweeps rank by and Optuna optimises
 
@@ -120,14 +120,15 @@ class DataSourceConfig:
 class DataConfig:
     path: Optional[str] = None  # training data: a file (JSON, JSONL, CSV, Parquet, text), glob, directory or dataset
     sources: List[DataSourceConfig] = field(default_factory=list)  # several sources mixed by weight (instead of path)
-    format: str = "alpaca"  # alpaca | chat | sharegpt | text | completion | preference | auto (from the fields)
+    format: str = "auto"  # auto (from the fields) | alpaca | chat | sharegpt | text | completion | preference
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)  # record keys, e.g. input=context output=response
     template: str = "auto"  # auto (tokenizer's own, else alpaca/chatml) | tokenizer | chatml | llama-3 | alpaca
     val_path: Optional[str] = None  # explicit validation file; otherwise val_ratio of the training data
     val_ratio: float = 0.05  # share of training records held out for evaluation when val_path is not given
     test_path: Optional[str] = None  # explicit test file; otherwise test_ratio of the training data
     test_ratio: float = 0.0  # share of training records held out as a test split (reported by `trainer data check`)
-    max_seq_len: int = 512  # tokens per row; longer samples are truncated (see truncation)
+    # tokens per row; longer samples are truncated (see truncation). null: the model's context length, at most 2048
+    max_seq_len: Optional[int] = None
     truncation: str = "truncate"  # truncate | drop samples longer than max_seq_len
     packing: bool = False  # pack several samples per row (attention kept within each sample)
     train_on_inputs: bool = False  # also train on prompt tokens (default: loss on outputs only)
@@ -136,6 +137,8 @@ class DataConfig:
     dedup: str = "none"  # none | exact | normalized (case, punctuation, spacing ignored); duplicates are always counted
     strict: bool = False  # error on records that would be skipped (blank answer, conversation ending on a user turn)
     text_unit: str = "block"  # plain-text files: one document per blank-line-separated block | file | line
+    # text data: split documents longer than max_seq_len into windows of max_seq_len tokens (false: truncate them)
+    text_chunking: bool = True
     cache: bool = True  # cache tokenised data under paths.cache_dir, keyed by a fingerprint of everything it depends on
 
     def __post_init__(self) -> None:
@@ -153,7 +156,8 @@ class DataConfig:
         require(0.0 <= self.test_ratio < 1.0, "test_ratio", f"must be in [0, 1), got {self.test_ratio}")
         require(self.val_ratio + self.test_ratio < 1.0, "test_ratio", "val_ratio + test_ratio must leave records "
                  "to train on (sum < 1)")
-        require(self.max_seq_len >= 8, "max_seq_len", f"must be >= 8 tokens, got {self.max_seq_len}")
+        require(self.max_seq_len is None or self.max_seq_len >= 8, "max_seq_len",
+                 f"must be >= 8 tokens (or null: the model's context length, at most 2048), got {self.max_seq_len}")
         non_negative(self.max_samples, "max_samples")
         formats = {self.format}
         for i, source in enumerate(self.sources):
@@ -283,7 +287,7 @@ class FreezeConfig:
 @dataclass
 class OptimConfig:
     name: str = "adamw"  # adamw (torch; fused on CUDA) | adamw_8bit | paged_adamw_8bit | paged_adamw_32bit (bnb)
-    lr: float = 2e-4  # peak learning rate
+    lr: Optional[float] = None  # peak learning rate; null: the PEFT method's usual one (full 2e-5, LoRA/QLoRA 2e-4)
     weight_decay: float = 0.0  # decoupled weight decay; never applied to norms and biases
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -298,7 +302,8 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         one_of(self.name, OPTIMIZERS, "name")
-        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(self.lr is None or self.lr > 0, "lr",
+                 f"must be > 0 (or null: the PEFT method's default), got {self.lr}")
         require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
         one_of(self.scheduler, SCHEDULERS, "scheduler")
@@ -312,10 +317,11 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 0  # optimizer steps to run; 0: derive from epochs
-    epochs: float = 1.0  # passes over the training data when max_steps is 0
-    micro_batch_size: int = 8  # rows per forward/backward on each rank
+    epochs: float = 3.0  # passes over the training data when max_steps is 0
+    micro_batch_size: int = 2  # rows per forward/backward on each rank (2 x 2048 tokens: an 8B LoRA fits 80 GB)
     global_batch_size: int = 32  # rows per optimizer step over all ranks; accumulation is derived from it
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 uses dynamic loss scaling)
+    # auto (bf16 on GPUs that have it, fp32 on CPU) | fp32 | bf16 | fp16 (fp16 uses dynamic loss scaling)
+    precision: str = "auto"
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     deterministic: bool = False  # deterministic kernels (slower; bit-exact reruns)
     nonfinite: str = "stop"  # a non-finite loss or grad norm: stop (exit 3, last checkpoint kept) | skip the step

@@ -26,17 +26,29 @@ def _omegaconf_error_to_config_error(err: Exception, section: str) -> ConfigErro
     return ConfigError(str(key), message)
 
 
-def to_config(cfg: Any) -> Config:
-    """Validate every section of the composed config and return the typed root."""
+def to_config(cfg: Any, notes: list[str] | None = None) -> Config:
+    """Validate every section of the composed config, fill the defaults that depend on the model, method and
+    hardware (trainer/config/defaults.py; each decision is appended to NOTES), and return the typed root."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
+
+    from trainer.config.defaults import apply_defaults
 
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
         raise _omegaconf_error_to_config_error(err, "") from None
-    config = Config(seed=cfg.seed, resume=cfg.resume, **validate_sections(cfg, SECTIONS))
+    sections = validate_sections(cfg, SECTIONS)
+    decided = apply_defaults(sections)
+    if notes is not None:
+        notes.extend(decided)
+    config = Config(seed=cfg.seed, resume=cfg.resume, **sections)
     check_cross_group(config)
+    from trainer.data.pipeline import decide_formats
+
+    decided = decide_formats(config.data)  # after the checks above: the data files exist
+    if notes is not None:
+        notes.extend(decided)
     return config
 
 

@@ -96,18 +96,38 @@ def _special(tokenizer) -> tuple[int | None, str | None, int | None]:
     return tokenizer.bos_token_id, tokenizer.bos_token, tokenizer.eos_token_id
 
 
-def encode_samples(samples: Sequence[Sample], tokenizer, max_seq_len: int, train_on_inputs: bool,
-                   truncation: str = "truncate") -> tuple[TokenTable, list[int], dict[str, list[int]], EncodeStats]:
-    """Encode, then truncate or drop over-long samples; samples left with no trained token are dropped.
+def _is_plain_text(sample: Sample) -> bool:
+    """A document of the text format: every segment trained, no prompt (conversations and completions have one)."""
+    return bool(sample.segments) and not sample.prompt and all(trainable for _, trainable in sample.segments)
 
-    Returns the table of kept samples, their indices into `samples`, the indices that were `truncated`,
-    dropped as `too_long` or dropped with `no_labels`, and the counts."""
+
+def _windows(ids: list[int], trained: list[bool], max_seq_len: int) -> list[tuple[list[int], list[bool]]]:
+    """A long document as consecutive windows of max_seq_len tokens (continued pre-training reads all of it). The
+    first token of each window carries no loss, as at the start of any sample; a last window of one token, which
+    would carry none at all, is left out."""
+    windows = []
+    for start in range(0, len(ids), max_seq_len):
+        window_ids, window_trained = ids[start:start + max_seq_len], trained[start:start + max_seq_len]
+        if len(window_ids) >= 2:
+            windows.append((window_ids, [False] + window_trained[1:]))
+    return windows
+
+
+def encode_samples(samples: Sequence[Sample], tokenizer, max_seq_len: int, train_on_inputs: bool,
+                   truncation: str = "truncate", chunk_text: bool = False,
+                   ) -> tuple[TokenTable, list[int], dict[str, list[int]], EncodeStats]:
+    """Encode, then truncate or drop over-long samples (or, with CHUNK_TEXT, split over-long plain-text documents into
+    windows); samples left with no trained token are dropped.
+
+    Returns the table of kept samples, their indices into `samples` (a chunked document's index once per window),
+    the indices that were `truncated`, `chunked` (and each of their `windows`), dropped as `too_long` or dropped
+    with `no_labels`, and the counts."""
     import numpy as np
 
     bos_id, bos_token, eos_id = _special(tokenizer)
     stats = EncodeStats()
     kept: list[int] = []
-    events: dict[str, list[int]] = {"truncated": [], "too_long": [], "no_labels": []}
+    events: dict[str, list[int]] = {"truncated": [], "chunked": [], "windows": [], "too_long": [], "no_labels": []}
     id_chunks, trained_chunks, lengths = [], [], []
     for start in range(0, len(samples), TOKENIZE_BATCH):
         batch = samples[start:start + TOKENIZE_BATCH]
@@ -134,6 +154,16 @@ def encode_samples(samples: Sequence[Sample], tokenizer, max_seq_len: int, train
                 trained.append(True)
             if trained:
                 trained[0] = False
+            if len(ids) > max_seq_len and chunk_text and _is_plain_text(sample):
+                windows = _windows(ids, trained, max_seq_len)
+                events["chunked"].append(start + offset)
+                for window_ids, window_trained in windows:
+                    events["windows"].append(start + offset)
+                    id_chunks.append(np.asarray(window_ids, dtype=np.int32))
+                    trained_chunks.append(np.asarray(window_trained, dtype=bool))
+                    lengths.append(len(window_ids))
+                    kept.append(start + offset)
+                continue
             if len(ids) > max_seq_len:
                 if truncation == "drop":
                     stats.dropped_too_long += 1

@@ -9,6 +9,7 @@ turns into an error under `data.strict=true`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -21,10 +22,22 @@ SKIP_REASONS = {
     "empty": "nothing to train on: the answer is blank",
     "ends_on_user": "the conversation does not end with an assistant turn",
     "identical_pair": "the chosen and rejected answers are identical",
+    "undesirable": "labelled undesirable (KTO \"label\": false): supervised fine-tuning trains only on desirable "
+                   "answers",
+}
+# Skips that are the data working as its authors meant, not defects: data.strict=true does not refuse them.
+INTENDED_SKIPS = ("undesirable",)
+# Records kept for training but worth a look; counted in the report and refused under data.strict=true.
+FLAG_REASONS = {
+    "empty_turn": "an assistant turn before the last is blank: that turn is not trained on (the conversation is kept)",
+    "turn_order": "questionable turn order (starts with the assistant, two turns of one role in a row, or no user "
+                  "turn)",
 }
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant"}
+# Roles of tool-use conversations (OpenAI `tool`/`function`, ShareGPT `function_call`/`observation`).
+TOOL_ROLES = ("tool", "function", "function_call", "observation", "ipython")
 
 
 class Skip(Exception):
@@ -53,6 +66,7 @@ class Example:
     line: int
     source: int = 0  # index of the configured source it came from
     rejected: tuple[Message, ...] = ()  # preference pairs: the rejected answer (the chosen one is in messages)
+    flags: tuple[str, ...] = ()  # keys of FLAG_REASONS: kept, but counted in the report
 
     def text_key(self) -> str:
         """The content that de-duplication compares: roles and texts, nothing about where it came from."""
@@ -132,6 +146,10 @@ def _messages(record: Record, value: Any, field: str, columns: dict, roles: dict
                 raise DataError(record.path, record.line, f"{where} has no {key!r} (expected {role_key!r} and "
                                 f"{content_key!r} in every message)")
         role = item[role_key]
+        if role in TOOL_ROLES or item.get("tool_calls") or item.get("function_call"):
+            what = f"role {role!r}" if role in TOOL_ROLES else "tool calls"
+            raise DataError(record.path, record.line, f"{where} has {what}: tool-use conversations are not supported "
+                            "yet (expected plain system/user/assistant turns; leave such records out of the data)")
         if not isinstance(role, str) or role not in roles:
             raise DataError(record.path, record.line, f"{where} has unknown role {role!r} (expected one of "
                             f"{role_names})")
@@ -144,12 +162,48 @@ def _messages(record: Record, value: Any, field: str, columns: dict, roles: dict
     return messages
 
 
+def _kto_label(record: Record, data: dict) -> None:
+    """KTO files mark each answer desirable or not (`"label": true/false`); SFT must never learn the undesirable."""
+    label = data.get("label")
+    if label is None:
+        return
+    if not isinstance(label, bool):
+        raise DataError(record.path, record.line, f"field 'label' is {_type_name(label)} (expected true or false: "
+                        "whether the answer is desirable, as in KTO data)")
+    if not label:
+        raise Skip("undesirable")
+
+
+def turn_order_problem(messages: list[Message]) -> str | None:
+    """What is odd about the order of a conversation's turns, or None: after any system turns users and the
+    assistant take turns, starting with the user."""
+    turns = [m.role for m in messages if m.role != "system"]
+    if "user" not in turns:
+        return "it has no user turn"
+    if turns[0] != "user":
+        return "it starts with the assistant"
+    for before, after in zip(turns, turns[1:]):
+        if before == after:
+            return f"two {before} turns in a row"
+    return None
+
+
 def _conversation(record: Record, messages: list[Message], source: int) -> Example:
     if messages[-1].role != "assistant":
         raise Skip("ends_on_user")
     if not any(m.content.strip() for m in messages if m.role == "assistant" and m.trainable):
         raise Skip("empty")
-    return Example(tuple(messages), (), record.path, record.line, source)
+    flags = []
+    if messages[0].role == "assistant":  # an opening greeting answers nothing: context for what follows, not trained
+        messages = [Message("assistant", messages[0].content, trainable=False), *messages[1:]]
+    # A blank answer mid-conversation would teach the model to answer with only its end-of-turn marker.
+    blank = [i for i, m in enumerate(messages) if m.role == "assistant" and m.trainable and not m.content.strip()]
+    if blank:
+        messages = [Message(m.role, m.content, m.context, False) if i in blank else m for i, m in enumerate(messages)]
+        flags.append("empty_turn")
+    if turn_order_problem(messages):
+        flags.append("turn_order")
+    return Example(tuple(messages), (), record.path, record.line, source, flags=tuple(flags))
 
 
 # -------------------------------------------------------------------------------------------- formats
@@ -173,6 +227,7 @@ def parse_chat(record: Record, columns: dict, source: int = 0) -> Example:
         raise _missing(record, data, columns["messages"], "a list of {role, content} messages")
     messages = _messages(record, data[columns["messages"]], columns["messages"], columns, CHAT_ROLES,
                          "system, user, assistant")
+    _kto_label(record, data)
     return _conversation(record, messages, source)
 
 
@@ -185,6 +240,7 @@ def parse_sharegpt(record: Record, columns: dict, source: int = 0) -> Example:
     system = _text(record, data, columns["system"], "a string", required=False)
     if system.strip() and messages[0].role != "system":
         messages.insert(0, Message("system", system))
+    _kto_label(record, data)
     return _conversation(record, messages, source)
 
 
@@ -206,13 +262,55 @@ def parse_completion(record: Record, columns: dict, source: int = 0) -> Example:
     return Example((), ((prompt, False), (completion, True)), record.path, record.line, source)
 
 
+# Anthropic HH-RLHF writes each side as one string: "\n\nHuman: ...\n\nAssistant: ..." turns.
+_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant): ?")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+PREFERENCE_ROLES = {**SHAREGPT_ROLES, **CHAT_ROLES}
+
+
+def _hh_turns(text: str) -> list[Message] | None:
+    """The turns of an HH-RLHF string, or None when the text is not written that way."""
+    if not text.lstrip(" ").startswith(("\n\nHuman:", "Human:")):
+        return None
+    parts = _HH_TURN.split(text.lstrip(" "))
+    if parts[0].strip():
+        return None
+    return [Message(_HH_ROLES[speaker], content.strip()) for speaker, content in zip(parts[1::2], parts[2::2])]
+
+
+def _message_columns(items: list, columns: dict) -> dict:
+    """Role/content keys for a message list: the configured ones, or ShareGPT's from/value when the items use those
+    (LLaMA-Factory's preference files put a ShareGPT prompt beside chosen/rejected)."""
+    first = items[0] if items and isinstance(items[0], dict) else {}
+    if columns["role"] not in first and "from" in first and "value" in first:
+        return {**columns, "role": "from", "content": "value"}
+    return columns
+
+
 def _preference_side(record: Record, value: Any, field: str, columns: dict) -> list[Message]:
     if isinstance(value, str):
-        return [Message("assistant", value)]
+        return _hh_turns(value) or [Message("assistant", value)]
+    if isinstance(value, dict):  # one message: {"role": "assistant", "content": ...} or {"from": "gpt", "value": ...}
+        value = [value]
     if isinstance(value, list):
-        return _messages(record, value, field, columns, CHAT_ROLES, "system, user, assistant")
-    raise DataError(record.path, record.line, f"field {field!r} is {_type_name(value)} (expected a string or a list "
-                    "of messages)")
+        return _messages(record, value, field, _message_columns(value, columns), PREFERENCE_ROLES,
+                         "system, user, assistant (or human, gpt)")
+    raise DataError(record.path, record.line, f"field {field!r} is {_type_name(value)} (expected a string, a message "
+                    "or a list of messages)")
+
+
+def _preference_prompt(record: Record, data: dict, columns: dict) -> list[Message] | None:
+    """The prompt of a pair: the prompt field (a string or messages), or a conversation field beside chosen and
+    rejected (LLaMA-Factory: `conversations`), or None when chosen and rejected carry the whole conversation."""
+    for key in (columns["prompt"], "conversations", "messages"):
+        value = data.get(key)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            return _hh_turns(value) or [Message("user", value)]
+        return _messages(record, value, key, _message_columns(value, columns), PREFERENCE_ROLES,
+                         "system, user, assistant (or human, gpt)")
+    return None
 
 
 def parse_preference(record: Record, columns: dict, source: int = 0) -> Example:
@@ -225,17 +323,13 @@ def parse_preference(record: Record, columns: dict, source: int = 0) -> Example:
                            f"{columns['rejected']!r}")
     chosen = _preference_side(record, data[columns["chosen"]], columns["chosen"], columns)
     rejected = _preference_side(record, data[columns["rejected"]], columns["rejected"], columns)
-    raw_prompt = data.get(columns["prompt"])
-    if raw_prompt is None:
+    prompt = _preference_prompt(record, data, columns)
+    if prompt is None:
         if chosen[:-1] != rejected[:-1] or len(chosen) < 2:
             raise DataError(record.path, record.line, "without a prompt field, chosen and rejected must be the same "
                             "conversation up to their final assistant turn (expected a shared prompt, then two "
                             "answers)")
         prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
-    elif isinstance(raw_prompt, str):
-        prompt = [Message("user", raw_prompt)]
-    else:
-        prompt = _messages(record, raw_prompt, columns["prompt"], columns, CHAT_ROLES, "system, user, assistant")
     for side, field in ((chosen, columns["chosen"]), (rejected, columns["rejected"])):
         if side[-1].role != "assistant":
             raise DataError(record.path, record.line, f"field {field!r} ends with a {side[-1].role} turn (expected "
@@ -244,7 +338,9 @@ def parse_preference(record: Record, columns: dict, source: int = 0) -> Example:
         raise Skip("empty")
     if chosen == rejected:
         raise Skip("identical_pair")
-    return Example(tuple(prompt + chosen), (), record.path, record.line, source, rejected=tuple(rejected))
+    flags = ("turn_order",) if turn_order_problem(prompt + chosen) else ()
+    return Example(tuple(prompt + chosen), (), record.path, record.line, source, rejected=tuple(rejected),
+                   flags=flags)
 
 
 PARSERS: dict[str, Callable[[Record, dict, int], Example]] = {
@@ -253,18 +349,53 @@ PARSERS: dict[str, Callable[[Record, dict, int], Example]] = {
 }
 
 
-def detect_format(record: Record) -> str:
-    """`data.format=auto`: the format whose telltale fields the first record of a source has."""
+# Field layouts of well-known files that one of our formats reads under other names.
+KNOWN_LAYOUTS = (
+    ("alpaca", ("instruction", "response"), {"input": "context", "output": "response"}),  # Databricks Dolly
+)
+
+
+def _conversation_format(data: dict, key: str) -> tuple[str, dict] | None:
+    """chat or sharegpt for a list of turns under KEY, told apart by the turns' own keys (role/content or
+    from/value), whichever name the list has."""
+    turns = data.get(key)
+    if not isinstance(turns, list):
+        return None
+    first = turns[0] if turns and isinstance(turns[0], dict) else {}
+    if "from" in first and "value" in first:
+        return "sharegpt", {"messages": key}
+    return "chat", {"messages": key}
+
+
+def detect_format(record: Record, overrides: dict[str, str] | None = None) -> tuple[str, dict[str, str]]:
+    """`data.format=auto`: the format whose telltale fields the first record of a source has, read under the user's
+    data.columns names; returns the format and the column mapping to read it with. Preference pairs come first: a
+    pair may also hold a conversation field (LLaMA-Factory's `conversations` prompt)."""
     data = record.data if isinstance(record.data, dict) else {}
-    telltales = (("chat", ("messages",)), ("sharegpt", ("conversations",)), ("preference", ("chosen", "rejected")),
-                 ("alpaca", ("instruction", "output")), ("completion", ("prompt", "completion")), ("text", ("text",)))
-    for fmt, fields in telltales:
-        if all(field in data for field in fields):
-            return fmt
+    overrides = dict(overrides or {})
+
+    def has(fmt: str, *fields: str) -> bool:
+        return all(columns_for(fmt, overrides)[f] in data for f in fields)
+
+    if has("preference", "chosen", "rejected"):
+        return "preference", overrides
+    for fmt in ("chat", "sharegpt"):
+        found = _conversation_format(data, columns_for(fmt, overrides)["messages"])
+        if found:
+            return found[0], {**overrides, **found[1]}
+    if has("alpaca", "instruction", "output"):
+        return "alpaca", overrides
+    for fmt, fields, columns in KNOWN_LAYOUTS:
+        if all(f in data for f in fields) and not overrides:
+            return fmt, columns
+    if has("completion", "prompt", "completion"):
+        return "completion", overrides
+    if has("text", "text"):
+        return "text", overrides
     present = ", ".join(sorted(map(str, data))) or "none"
     raise DataError(record.path, record.line, f"cannot tell the format from the fields {present} (expected "
                     f"messages, conversations, chosen/rejected, instruction/output, prompt/completion or text; "
-                    "or set data.format)")
+                    "or set data.format, or map your field names with data.columns)")
 
 
 def columns_for(fmt: str, overrides: dict[str, str]) -> dict[str, str]:

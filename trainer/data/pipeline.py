@@ -13,7 +13,18 @@ from dataclasses import dataclass, field
 
 from trainer.config.schema import DataConfig
 from trainer.data.encode import EncodedSample, EncodeStats, TokenTable, encode_samples
-from trainer.data.formats import PARSERS, SKIP_REASONS, Example, Sample, Skip, columns_for, detect_format
+from trainer.data.formats import (
+    FLAG_REASONS,
+    INTENDED_SKIPS,
+    PARSERS,
+    SKIP_REASONS,
+    Example,
+    Sample,
+    Skip,
+    columns_for,
+    detect_format,
+    turn_order_problem,
+)
 from trainer.data.hygiene import apply_weight, exact_key, find_duplicates, split_indices
 from trainer.data.packing import TrainRows
 from trainer.data.report import DataReport, SourceReport, length_percentiles
@@ -25,6 +36,8 @@ _SKIP_EXPECTED = {
     "empty": "a non-blank answer",
     "ends_on_user": "the last message to be the assistant's",
     "identical_pair": "two different answers",
+    "empty_turn": "every assistant turn to have an answer",
+    "turn_order": "user and assistant turns taking turns, starting with the user",
 }
 
 
@@ -66,6 +79,31 @@ class Datasets:
 
 
 # ------------------------------------------------------------------------------------------- parsing
+def decide_formats(cfg: DataConfig) -> list[str]:
+    """`data.format=auto` decided from each training source's first record and written into CFG (with the column
+    names the detection read, e.g. Dolly's), so the frozen config says what the run trains on, and `trainer
+    generate` and exports see the real format. Returns a note per decision."""
+    notes = []
+    sources = configured_sources(cfg)
+    specs = cfg.sources or [cfg]
+    for spec, source in zip(specs, sources):
+        if source.format != "auto":
+            continue
+        first = next(iter(iter_records(source, cfg.text_unit)), None)
+        if first is None:
+            continue  # an empty source: parsing names it
+        fmt, column_map = detect_format(first, source.column_map)
+        spec.format = fmt
+        for key, value in column_map.items():
+            if getattr(spec.columns, key, None) is None and value != columns_for(fmt, {})[key]:
+                setattr(spec.columns, key, value)
+        mapped = {k: v for k, v in column_map.items() if v != columns_for(fmt, {})[k]}
+        shown = f" (columns {', '.join(f'{k}={v}' for k, v in sorted(mapped.items()))})" if mapped else ""
+        notes.append(f"data{'' if spec is cfg else f'.sources.{source.index}'}.format={fmt}{shown} (detected "
+                     f"from {first.path}:{first.line})")
+    return notes
+
+
 def parse_sources(cfg: DataConfig) -> Parsed:
     """Read and parse every source; a bad record raises DataError naming its file and line."""
     sources = configured_sources(cfg)
@@ -74,22 +112,34 @@ def parse_sources(cfg: DataConfig) -> Parsed:
         report = SourceReport(source.path, source.role, source.format, source.weight)
         fmt, parser, columns, parsed = source.format, None, {}, []
         skipped: Counter = Counter()
+        flagged: Counter = Counter()
         for record in iter_records(source, cfg.text_unit):
             if parser is None:
-                fmt = detect_format(record) if fmt == "auto" else fmt
-                parser, columns = PARSERS[fmt], columns_for(fmt, source.column_map)
+                column_map = source.column_map
+                if fmt == "auto":
+                    fmt, column_map = detect_format(record, column_map)
+                parser, columns = PARSERS[fmt], columns_for(fmt, column_map)
             report.records += 1
             try:
-                parsed.append(parser(record, columns, source.index))
+                example = parser(record, columns, source.index)
             except Skip as skip:
-                if cfg.strict:
+                if cfg.strict and skip.reason not in INTENDED_SKIPS:
                     raise DataError(record.path, record.line, f"{SKIP_REASONS[skip.reason]} (expected "
                                     f"{_SKIP_EXPECTED[skip.reason]}; data.strict=false skips and counts such "
                                     "records)") from None
                 skipped[skip.reason] += 1
+                continue
+            if example.flags and cfg.strict:
+                flag = example.flags[0]
+                what = (turn_order_problem(list(example.messages)) if flag == "turn_order"
+                        else FLAG_REASONS[flag].split(":")[0])
+                raise DataError(record.path, record.line, f"{what} (expected {_SKIP_EXPECTED[flag]}; "
+                                "data.strict=false keeps and counts such records)")
+            flagged.update(example.flags)
+            parsed.append(example)
         if not report.records:
             raise DataError(source.path, 1, "the source holds no records (expected at least one)")
-        report.format, report.skipped = fmt, dict(skipped)
+        report.format, report.skipped, report.flagged = fmt, dict(skipped), dict(flagged)
         formats.append(fmt)
         examples.append(parsed)
         reports.append(report)
@@ -134,7 +184,7 @@ def _hold_out(parsed: Parsed, cfg: DataConfig, seed: int):
 def _encode_split(examples: list[Example], template, tokenizer, cfg: DataConfig):
     samples = [render_example(example, template, tokenizer.bos_token) for example in examples]
     table, kept, events, stats = encode_samples(samples, tokenizer, cfg.max_seq_len, cfg.train_on_inputs,
-                                                cfg.truncation)
+                                                cfg.truncation, chunk_text=cfg.text_chunking)
     return samples, table, kept, events, stats
 
 
@@ -153,6 +203,10 @@ def build_content(parsed: Parsed, cfg: DataConfig, tokenizer, seed: int) -> tupl
             report = parsed.reports[source]
             if reason == "truncated":
                 report.truncated = count
+            elif reason == "chunked":
+                report.chunked = count
+            elif reason == "windows":
+                report.windows = count
             elif reason == "too_long":
                 report.dropped_too_long = count
             else:
@@ -235,7 +289,8 @@ def prepare_datasets(cfg: DataConfig, tokenizer, seed: int, cache_dir: str | Non
         "sources": [{**vars(s), "data": source_fingerprint(s)} for s in sources],
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "options": {name: getattr(cfg, name) for name in ("template", "max_seq_len", "truncation", "train_on_inputs",
-                                                          "dedup", "strict", "text_unit", "val_ratio", "test_ratio")},
+                                                          "dedup", "strict", "text_unit", "text_chunking", "val_ratio",
+                                                          "test_ratio")},
         "seed": seed,
     })
     started = time.monotonic()

@@ -128,8 +128,14 @@ def read_jsonl(path: str, **_: Any) -> Iterator[Record]:
     yield from _iter_json_lines(path, text)
 
 
+# List-valued fields of a record in the formats we read: an object whose one list is one of these is a single record
+# (`{"messages": [...]}`), not a wrapper holding the records (`{"data": [...]}`).
+RECORD_LIST_FIELDS = ("messages", "conversations", "chosen", "rejected", "prompt", "completion", "tools")
+
+
 def read_json(path: str, **_: Any) -> Iterator[Record]:
-    """A JSON array of records, an object holding exactly one list of records, or JSON Lines named .json."""
+    """A JSON array of records, an object holding exactly one list of records, a single record object, or JSON
+    Lines named .json."""
     text = read_text_file(path)
     start = _skip_space(text, 0)
     if start >= len(text):
@@ -148,12 +154,9 @@ def read_json(path: str, **_: Any) -> Iterator[Record]:
         yield from _iter_json_lines(path, text)
         return
     lists = [key for key, value in first.items() if isinstance(value, list)]
-    if len(lists) != 1:
-        if "\n" not in text.strip():  # a single-record JSON Lines file
-            yield Record(first, path, _line_of(text, start))
-            return
-        raise DataError(path, _line_of(text, start), f"the top-level object holds {len(lists)} lists (expected an "
-                        "array of records, or an object holding exactly one list of records)")
+    if len(lists) != 1 or lists[0] in RECORD_LIST_FIELDS:  # one record: its lists are its own fields
+        yield Record(first, path, _line_of(text, start))
+        return
     key_pos = text.find(json.dumps(lists[0]), start)
     yield from _iter_json_array(path, text, text.find("[", key_pos if key_pos >= 0 else start))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
-from trainer.data.formats import SKIP_REASONS
+from trainer.data.formats import FLAG_REASONS, INTENDED_SKIPS, SKIP_REASONS
 
 TRAINED_OPEN, TRAINED_CLOSE = "[[", "]]"
 
@@ -22,12 +22,15 @@ class SourceReport:
     weight: float = 1.0
     records: int = 0  # records read (after the source's max_samples cap)
     skipped: dict = field(default_factory=dict)  # reason (formats.SKIP_REASONS) -> count
+    flagged: dict = field(default_factory=dict)  # kept, but worth a look: reason (formats.FLAG_REASONS) -> count
     duplicates_exact: int = 0  # repeats of an earlier record, found whether or not data.dedup removes them
     duplicates_normalized: int = 0  # repeats once case, punctuation and spacing are ignored (and not exact)
     duplicates_removed: int = 0
     to_val: int = 0  # records held out by data.val_ratio / data.test_ratio
     to_test: int = 0
     truncated: int = 0
+    chunked: int = 0  # long text documents split into max_seq_len windows (data.text_chunking)
+    windows: int = 0  # the windows they became
     dropped_too_long: int = 0
     dropped_no_labels: int = 0  # nothing left to train on after truncation
     samples: int = 0  # samples kept after tokenising
@@ -38,6 +41,9 @@ class SourceReport:
     @property
     def num_skipped(self) -> int:
         return sum(self.skipped.values())
+
+
+TRUNCATION_WARNING_SHARE = 0.05  # more than this share of records cut short is worth a warning
 
 
 @dataclass
@@ -75,6 +81,28 @@ class DataReport:
         if self.packing:
             line += f"; packing efficiency {100 * self.packing_efficiency:.1f}%"
         return line + f"; template {self.template}; cache {self.cache}"
+
+    def warnings(self) -> list[str]:
+        """What a user should not miss before a run trains on this data (the training log shows these too)."""
+        warnings = []
+        for s in self.sources:
+            if s.role != "train":
+                continue
+            cut = s.truncated + s.dropped_too_long + s.dropped_no_labels
+            tokenised = s.samples + s.dropped_too_long + s.dropped_no_labels
+            if tokenised and cut / tokenised > TRUNCATION_WARNING_SHARE:
+                warnings.append(f"warning: {100 * cut / tokenised:.0f}% of the training records of {_short(s.path)} "
+                                f"were truncated or dropped at max_seq_len={self.max_seq_len}: raise "
+                                "data.max_seq_len, or set data.truncation=drop to leave them out whole")
+            if s.format == "preference" and s.samples:
+                warnings.append(f"warning: {_short(s.path)} holds preference pairs, and supervised fine-tuning trains "
+                                f"on the prompt and the chosen answer only: its {s.samples:,} rejected answers are "
+                                "unused")
+            if s.skipped.get("undesirable"):
+                warnings.append(f"warning: {_short(s.path)}: {s.skipped['undesirable']:,} answers labelled undesirable "
+                                "(KTO label false) are left out: supervised fine-tuning trains only on the desirable "
+                                "ones")
+        return warnings
 
 
 def length_percentiles(lengths: Sequence[int]) -> dict:
@@ -120,6 +148,7 @@ def format_report(report: DataReport, padding_efficiency: float | None = None, m
     lines.append("")
     lines.append(f"splits: train {report.num_train_samples:,} samples per epoch, validation {report.num_val:,}, "
                  f"test {report.num_test:,}")
+    lines += report.warnings()
     if report.val_overlap:
         action = "removed" if report.overlap_removed else "kept: set data.dedup=exact to remove them"
         lines.append(f"warning: {report.val_overlap:,} validation/test records also appear in training ({action})")
@@ -147,8 +176,15 @@ def _source_notes(report: DataReport) -> list[str]:
     for s in report.sources:
         for reason, count in sorted(s.skipped.items()):
             if count:
-                notes.append(f"  {_short(s.path)}: {count:,} skipped: {SKIP_REASONS[reason]} (data.strict=true makes "
-                             "this an error)")
+                strict = "" if reason in INTENDED_SKIPS else " (data.strict=true makes this an error)"
+                notes.append(f"  {_short(s.path)}: {count:,} skipped: {SKIP_REASONS[reason]}{strict}")
+        for reason, count in sorted(s.flagged.items()):
+            if count:
+                notes.append(f"  {_short(s.path)}: {count:,} kept with {FLAG_REASONS[reason]} (data.strict=true "
+                             "refuses them)")
+        if s.chunked:
+            notes.append(f"  {_short(s.path)}: {s.chunked:,} documents longer than max_seq_len split into "
+                         f"{s.windows:,} windows (data.text_chunking=false truncates them instead)")
         if s.duplicates_exact or s.duplicates_normalized:
             notes.append(f"  {_short(s.path)}: {s.duplicates_exact:,} exact and {s.duplicates_normalized:,} more "
                          f"normalised-text duplicates; {s.duplicates_removed:,} removed (data.dedup={report.dedup})")

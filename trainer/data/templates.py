@@ -147,7 +147,7 @@ def render_example(example: Example, template: ChatTemplate | None, bos_token: s
     done = ""
     last_prompt = ""
     for index, message in enumerate(example.messages):
-        if message.role != "assistant":
+        if message.role != "assistant" or index == 0:  # an opening assistant turn is part of the next prompt
             continue
         prompt = _render(template, example.messages[:index], True, example)
         full = _render(template, example.messages[:index + 1], False, example)
