@@ -133,8 +133,8 @@ def planner_targets(targets, params) -> str | tuple[str, ...]:
     if not isinstance(targets, str):
         return tuple(targets)
     roles = {"attention": ("attention",), "mlp": ("mlp", "router")}.get(targets)
-    if roles is None:
-        return targets  # all-linear
+    if roles is None:  # all-linear: the nn.Linear layers, as trainer/adapters.py resolves it (no MoE experts/router)
+        return tuple(m.name for m in params.linear_modules if m.copies == 1 and m.role != "router")
     return tuple(m.name for m in params.linear_modules if m.role in roles and m.copies == 1)
 
 

@@ -84,8 +84,9 @@ def build_peft_config(cfg, model):
 
     saved = list(getattr(cfg, "modules_to_save", None) or []) or None
     if cfg.name in LORA_FAMILY:
-        targets = cfg.target_modules if cfg.target_modules == "all-linear" else resolve_target_modules(
-            model, cfg.target_modules)
+        # all-linear is resolved here rather than by PEFT: PEFT's also wraps the fused 3-D expert weights of MoE models
+        # (Mixtral in transformers 5), which its LoRA supports only without dropout; ours takes nn.Linear layers.
+        targets = resolve_target_modules(model, cfg.target_modules)
         return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                                bias=cfg.bias, use_rslora=cfg.use_rslora, use_dora=cfg.name == "dora",
                                modules_to_save=saved, task_type="CAUSAL_LM")

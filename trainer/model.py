@@ -57,7 +57,7 @@ def load_model(cfg: ModelConfig, dtype, on_meta: bool = False):
     """
     from transformers import AutoModelForCausalLM
 
-    common = {"attn_implementation": cfg.attn_implementation, "trust_remote_code": cfg.trust_remote_code}
+    common = {"attn_implementation": attention_implementation(cfg), "trust_remote_code": cfg.trust_remote_code}
     if on_meta:
         from accelerate import init_empty_weights
 
@@ -109,7 +109,7 @@ def load_quantized_model(cfg: ModelConfig, quantization, dtype):
     on_gpu = torch.cuda.is_available() and not is_deepspeed_zero3_enabled()
     extra = {"device_map": {"": torch.cuda.current_device()}} if on_gpu else {}
     model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, quantization_config=quantization,
-                                                 attn_implementation=cfg.attn_implementation,
+                                                 attn_implementation=attention_implementation(cfg),
                                                  trust_remote_code=cfg.trust_remote_code, **extra)
     model.config.use_cache = False
     return adapt_4bit_layers(model)
@@ -134,6 +134,16 @@ def _drop_quant_state_entries(module, state_dict, prefix, local_metadata) -> Non
     so its own quantisation state is already right, and training only ever saves the adapters."""
     for key in [k for k in state_dict if k.startswith(f"{prefix}weight.")]:
         del state_dict[key]
+
+
+def attention_implementation(cfg: ModelConfig) -> str:
+    """model.attn_implementation, with `auto` decided as a composed config decides it (trainer/config/defaults.py)
+    for callers that build a ModelConfig themselves."""
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    from trainer.config.defaults import sdpa_refusal
+
+    return "eager" if sdpa_refusal(cfg) else "sdpa"
 
 
 def build_model(model_cfg: ModelConfig, peft_cfg, precision: str, on_meta: bool = False,

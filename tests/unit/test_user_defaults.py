@@ -122,3 +122,17 @@ def test_make_demo_still_shows_the_demo(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "name: tiny-llama-lora" in result.stdout and "max_seq_len: 104" in result.stdout
     assert str(REPO / "trainer" / "assets" / "demo-facts" / "general.txt") in result.stdout
+
+
+def test_gemma_2_gets_eager_attention_and_sdpa_is_refused_in_one_line(tmp_path):
+    from trainer.errors import ConfigError
+
+    gemma2 = tmp_path / "gemma-2-9b"
+    gemma2.mkdir()
+    (gemma2 / "config.json").write_text(json.dumps({"model_type": "gemma2", "max_position_embeddings": 8192,
+                                                    "attn_logit_softcapping": 50.0}))
+    data = f"data.path={FIXTURES / 'data' / 'alpaca.json'}"
+    assert compose_config(f"model.path={gemma2}", data).model.attn_implementation == "eager"
+    assert compose_config("model=tiny-llama", data).model.attn_implementation == "sdpa"
+    with pytest.raises(ConfigError, match="model.attn_implementation: sdpa cannot apply its attention logit"):
+        compose_config(f"model.path={gemma2}", data, "model.attn_implementation=sdpa")

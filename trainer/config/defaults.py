@@ -8,6 +8,8 @@ that `trainer train --cfg job`, `trainer plan`, `trainer data check` and the run
 - `optim.lr`: the usual peak learning rate of the PEFT method (full fine-tuning 2e-5, LoRA/QLoRA/DoRA 2e-4...).
 - `data.max_seq_len`: the model's context length (config.json's max_position_embeddings), capped at 2048 tokens,
   a length most instruction data fits in and that trains at a sensible memory cost.
+- `model.attn_implementation`: sdpa, except for families whose attention sdpa cannot compute (Gemma 2's logit
+  soft-capping: eager).
 - `train.precision`: bf16 on GPUs that have it (compute capability 8.0+), fp16 on older GPUs (fp32 under FSDP,
   which has no loss scaling), fp32 on CPU.
 """
@@ -31,6 +33,8 @@ DEFAULT_LEARNING_RATES = {
     "prefix_tuning": 1e-2,
 }
 MAX_DEFAULT_SEQ_LEN = 2048
+# Model types whose attention needs something sdpa does not do, and the implementation that does it.
+EAGER_ONLY_MODEL_TYPES = {"gemma2": "its attention logit soft-capping"}
 FALLBACK_SEQ_LEN = 2048  # a model config that names no context length
 
 
@@ -81,9 +85,20 @@ def auto_precision(strategy_name: str, launcher: Any) -> tuple[str, str]:
     return "fp16", "GPUs without bf16 (fp16 with loss scaling)"
 
 
+def sdpa_refusal(model_cfg: Any) -> str | None:
+    """Why sdpa cannot run this model's attention, or None."""
+    return EAGER_ONLY_MODEL_TYPES.get(model_architecture(model_cfg).get("model_type"))
+
+
 def apply_defaults(sections: dict[str, Any]) -> list[str]:
     """Fill the unset keys of composed, typed sections in place; returns one note per value decided."""
     notes = []
+    model = sections.get("model")
+    if model is not None and model.attn_implementation == "auto":
+        why = sdpa_refusal(model)
+        model.attn_implementation = "eager" if why else "sdpa"
+        if why:
+            notes.append(f"model.attn_implementation=eager (sdpa cannot apply {why})")
     optim, peft, data = sections.get("optim"), sections.get("peft"), sections.get("data")
     if optim is not None and optim.lr is None and peft is not None:
         optim.lr = default_learning_rate(peft.name)

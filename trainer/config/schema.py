@@ -46,7 +46,7 @@ FORMAT_COLUMNS: Dict[str, Dict[str, str]] = {
 RESUME_MODES = ("auto", "never")
 WANDB_MODES = ("disabled", "offline", "online")
 MODEL_INITS = ("pretrained", "random")
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 
 
 @dataclass
@@ -76,7 +76,8 @@ class ModelConfig:
     # a dict into a None node).
     # config.json fields; used by `trainer plan`, and by init=random without a path
     arch: Dict[str, Any] = field(default_factory=dict)
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (GPU)
+    # auto (sdpa; eager for Gemma 2, whose logit soft-capping sdpa cannot apply) | sdpa | eager | flash_attention_2
+    attn_implementation: str = "auto"
     trust_remote_code: bool = False  # run code shipped with the checkpoint; off unless you trust its source
 
     def __post_init__(self) -> None:

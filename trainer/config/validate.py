@@ -101,6 +101,11 @@ def check_cross_group(config: Config) -> None:
     if config.eval.early_stopping_patience and not config.eval.every_n_steps:
         raise ConfigError("eval.early_stopping_patience",
                           "needs periodic evaluation: set eval.every_n_steps > 0 (or patience 0 to disable)")
+    from trainer.config.defaults import sdpa_refusal
+
+    if config.model.attn_implementation == "sdpa" and sdpa_refusal(config.model):
+        raise ConfigError("model.attn_implementation", f"sdpa cannot apply {sdpa_refusal(config.model)}: use eager "
+                          "(or flash_attention_2 on a GPU)")
     if config.strategy.name == "fsdp" and config.train.precision == "fp16":
         raise ConfigError("train.precision", "fp16 is not supported with strategy=fsdp (no loss scaling there): "
                           "use bf16, or a DeepSpeed strategy for fp16")

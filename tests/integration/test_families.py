@@ -1,0 +1,113 @@
+"""Every model family the experiments name trains through the CLI, on a small replica of its real architecture
+(trainer/replicas.py): real vocabulary, RoPE scaling, tied embeddings, biases, soft-capping, experts, fused
+projections, and the family's own chat format."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import REPO, read_summary, run_cli
+
+FAMILY_LINEARS = {  # what LoRA's all-linear must reach in each family (module names differ)
+    "llama-2": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    "llama-3.1": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    "llama-3.2": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    "mistral": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    "mixtral": {"q_proj", "k_proj", "v_proj", "o_proj"},  # experts are fused 3-D weights: not nn.Linear
+    "qwen2.5": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    "gemma": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    "gemma-2": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    "phi-3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
+}
+# The real configs' quirks that a replica must keep (the figures are the real config.json's).
+QUIRKS = {
+    "llama-3.1": {"vocab_size": 128256, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+    "llama-3.2": {"vocab_size": 128256, "tie_word_embeddings": True},
+    "mistral": {"sliding_window": 4096},
+    "mixtral": {"num_local_experts": 8, "num_experts_per_tok": 2, "router_aux_loss_coef": 0.02},
+    "qwen2.5": {"vocab_size": 152064},
+    "gemma": {"vocab_size": 256000, "num_key_value_heads": 1},
+    "gemma-2": {"final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0},
+    "phi-3": {"vocab_size": 32064},
+}
+LLAMA3_TURN = "<|start_header_id|>assistant<|end_header_id|>"
+TURN_MARKERS = {"llama-2": "[/INST]", "llama-3.1": LLAMA3_TURN, "llama-3.2": LLAMA3_TURN, "mistral": "[/INST]",
+                "mixtral": "[/INST]", "qwen2.5": "<|im_start|>assistant", "gemma": "<start_of_turn>model",
+                "gemma-2": "<start_of_turn>model", "phi-3": "<|assistant|>"}
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory):
+    from trainer.replicas import FAMILIES, build_replica
+
+    root = tmp_path_factory.mktemp("replicas")
+    return {family: build_replica(family, root / family) for family in FAMILIES}
+
+
+def test_replicas_keep_the_real_quirks_and_the_gqa_ratio(replicas):
+    from trainer.replicas import FAMILIES
+
+    for family, quirks in QUIRKS.items():
+        config = json.loads((replicas[family] / "config.json").read_text())
+        for key, value in quirks.items():
+            got = config.get(key)
+            if key == "rope_scaling":  # transformers 5 writes the RoPE settings as rope_parameters
+                got = config.get("rope_parameters") or got
+            if isinstance(value, dict):
+                got = {k: got.get(k) for k in value}
+            assert got == value, (family, key)
+        real = FAMILIES[family]["config"]
+        assert (config["num_attention_heads"] // config["num_key_value_heads"]
+                == real["num_attention_heads"] // real["num_key_value_heads"]), family
+        assert config["num_hidden_layers"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILY_LINEARS))
+def test_lora_trains_every_family_through_the_cli_with_its_chat_template(family, replicas, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli("train", f"model.path={replicas[family]}", f"data.path={REPO / 'tests/fixtures/data/chat.jsonl'}",
+                     f"run.dir={run_dir}", "data.max_seq_len=64", "data.val_ratio=0", "train.max_steps=2",
+                     "train.micro_batch_size=1", "train.global_batch_size=1", "eval.max_batches=1",
+                     "logger.progress=false", "logger.plot=false", f"paths.cache_dir={tmp_path / 'cache'}",
+                     "optim.lr=1e-2", timeout=600)  # a large step, so that the adapter visibly changes the logits
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    summary = read_summary(run_dir)
+    assert summary["status"] == "completed" and summary["steps"] == 2
+    adapter = json.loads((run_dir / "final" / "adapter_config.json").read_text())
+    assert set(adapter["target_modules"]) == FAMILY_LINEARS[family]
+    assert "template the tokenizer's own chat template" in result.stdout + result.stderr
+    _merged_export_equals_the_adapter_on_its_base(replicas[family], run_dir, tmp_path / "merged")
+    # The family's own turn format is what the model was trained on.
+    check = run_cli("data", "check", f"model.path={replicas[family]}", "train.micro_batch_size=1",
+                    f"data.path={REPO / 'tests/fixtures/data/chat.jsonl'}", "train.global_batch_size=1",
+                    f"paths.cache_dir={tmp_path / 'cache'}", timeout=300)
+    assert check.returncode == 0, check.stderr
+    assert TURN_MARKERS[family] in check.stdout
+
+
+def _merged_export_equals_the_adapter_on_its_base(base_dir, run_dir, out):
+    """`trainer export --to merged` folds the adapter into the base: the same logits as base + adapter (fp32), and
+    not the base's own (tied embeddings, fused projections and soft-capping included)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    exported = run_cli("export", str(run_dir), "--to", "merged", "--out", str(out), "--dtype", "fp32", timeout=300)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    ids = torch.tensor([[2, 17, 230, 5, 99, 400, 12, 3]])
+
+    def logits(model):
+        with torch.no_grad():
+            return model.eval()(input_ids=ids).logits
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+
+    plain = logits(base())
+    with_adapter = logits(PeftModel.from_pretrained(base(), run_dir / "final"))
+    merged = logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32))
+    assert not torch.allclose(with_adapter, plain, atol=1e-4)
+    assert torch.allclose(merged, with_adapter, atol=1e-4, rtol=1e-4)
