@@ -111,3 +111,20 @@ def _merged_export_equals_the_adapter_on_its_base(base_dir, run_dir, out):
     merged = logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32))
     assert not torch.allclose(with_adapter, plain, atol=1e-4)
     assert torch.allclose(merged, with_adapter, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILY_LINEARS))
+def test_qlora_trains_every_family_and_generate_speaks_its_chat_format(family, replicas, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli("train", f"model.path={replicas[family]}", f"data.path={REPO / 'tests/fixtures/data/chat.jsonl'}",
+                     f"run.dir={run_dir}", "peft=qlora", "data.max_seq_len=64", "data.val_ratio=0",
+                     "train.max_steps=2", "train.micro_batch_size=1", "train.global_batch_size=1",
+                     "eval.max_batches=1", "logger.progress=false", "logger.plot=false",
+                     f"paths.cache_dir={tmp_path / 'cache'}", timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert read_summary(run_dir)["status"] == "completed"
+    answer = run_cli("generate", str(run_dir), "Hello there", "--json", "--max-new-tokens", "4", timeout=300)
+    assert answer.returncode == 0, answer.stderr[-2000:]
+    record = json.loads(answer.stdout.strip().splitlines()[-1])
+    assert TURN_MARKERS[family] in record["input"] and "Hello there" in record["input"]
