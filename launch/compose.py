@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from trainer.config.suggest import suggest_key, suggest_option
 from trainer.errors import ConfigError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -108,6 +109,9 @@ def hydra_error_to_config_error(err: Exception) -> ConfigError | None:
         options = [o for o in getattr(err, "options", None) or [] if not o.startswith("schema_")]
         hint = f" (available: {', '.join(options)})" if options else ""
         first = first.split(" (available")[0].replace("In 'train': ", "")
+        asked = first.split("'")[1].rsplit("/", 1)[-1] if first.count("'") >= 2 else ""
+        close = suggest_option(asked, options) if asked else None
+        hint += f"; did you mean {close}?" if close else ""
         return ConfigError("defaults", f"{first}{hint}")
     if "is not in struct" in first or "Key '" in first and "not in" in first:
         first = "unknown key; check the spelling, or see `trainer train --cfg job` for the keys that exist"
@@ -118,6 +122,10 @@ def hydra_error_to_config_error(err: Exception) -> ConfigError | None:
         # Hydra's wording: "Could not override 'x'.\nTo append to your config use +x=1\nKey 'x' is not in struct"
         key = first.split("'")[1] if "'" in first else "override"
         first = "unknown key; check the spelling, or see `trainer train --cfg job` for the keys that exist"
+    if first.startswith("unknown key") and key:
+        close = suggest_key(str(key))
+        if close:
+            first = f"unknown key; did you mean {close}? (`trainer train --cfg job` lists the keys that exist)"
     return ConfigError(str(key or "config"), first)
 
 

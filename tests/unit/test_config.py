@@ -111,3 +111,20 @@ def test_frozen_config_round_trips_and_redacts_secrets(tmp_path):
     assert loaded == config
     assert redact({"wandb": {"api_key": "abc123"}, "hub_token": "t", "lr": 1}) == {
         "wandb": {"api_key": "***"}, "hub_token": "***", "lr": 1}
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.lrr=1e-4", "optim.lrr: unknown key; did you mean optim.lr?"),
+    ("peft.rank=8", "peft.rank: unknown key; did you mean peft.r?"),
+    ("train.max_step=3", "train.max_step: unknown key; did you mean train.max_steps?"),
+    ("strategy.offload_optimiser=cpu", "did you mean strategy.offload_optimizer?"),
+    ("peft=lorra", "Could not find 'peft/lorra' (available: dora, ia3, lora, none, prefix_tuning, prompt_tuning, "
+                   "qlora); did you mean lora?"),
+])
+def test_a_mistyped_key_or_option_is_answered_with_the_closest_one(override, message):
+    from tests.conftest import compose_config
+    from trainer.errors import ConfigError
+
+    with pytest.raises(ConfigError) as raised:
+        compose_config(override)
+    assert message in str(raised.value)
