@@ -7,7 +7,9 @@ the renderer, rewrite it with `UPDATE_GOLDEN=1 pytest tests/slurm/test_sbatch_sc
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -148,3 +150,67 @@ def test_every_site_example_composes_and_renders(example, tmp_path):
     assert f"--partition={launcher.partition}" in lines and "--requeue" in lines
     # Examples start with the command that uses them.
     assert "trainer train" in (EXAMPLES / "launcher" / f"{example}.yaml").read_text().split("defaults:")[0]
+
+
+# ------------------------------------------------------------------------------- the preemption protocol
+# Stand-ins for Slurm's commands, so that the script's own logic runs here: the "training step" behaves like the
+# workers (they stop and record the requeue code once the request file exists, else finish), `scontrol` reports a
+# running job and records a requeue.
+FAKE_SRUN = """#!/bin/bash
+for _ in $(seq 40); do
+    if [[ -e "$TRAINER_PREEMPT_FILE" ]]; then
+        mkdir -p "$RUN_DIR/.workers"
+        echo '{"rank": 0, "exit_code": 85, "message": "preempted"}' >"$RUN_DIR/.workers/rank-0.json"
+        exit 1
+    fi
+    sleep 0.05
+done
+"""
+FAKE_SCONTROL = """#!/bin/bash
+case "$1 $2" in
+    "show hostnames") echo node1 ;;
+    "show job") echo "JobId=$3 JobState=RUNNING Restarts=0" ;;
+    *) echo "$*" >>"$FAKE_SCONTROL_LOG" ;;
+esac
+"""
+
+
+def _start_script(tmp_path: Path, *overrides: str) -> subprocess.Popen:
+    """The rendered script, run by bash as Slurm would, against the stand-ins above."""
+    (tmp_path / "run").mkdir(exist_ok=True)
+    script = tmp_path / "run" / "train.sbatch"
+    script.write_text(_render(tmp_path, *overrides))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "node1",
+           "FAKE_SCONTROL_LOG": str(tmp_path / "scontrol.log")}
+    return subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def test_a_signal_during_the_site_setup_still_checkpoints_and_requeues_the_job(tmp_path):
+    """The trap is set before anything else runs, and the request waits in a file for workers not yet started."""
+    started = tmp_path / "run" / "setup-started"
+    proc = _start_script(tmp_path, f"launcher.setup=[touch {started},sleep 1]")
+    deadline = time.monotonic() + 30
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "got SIGUSR1" in out and "requeueing (restart 1 of at most 3)" in out, out
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 7\n"
+    script = (tmp_path / "run" / "train.sbatch").read_text()
+    assert not [line for line in script.splitlines() if "scancel" in line and not line.lstrip().startswith("#")]
+
+
+def test_a_request_answered_by_an_earlier_run_of_the_job_is_not_taken_for_a_new_one(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".preempt").write_text("SIGUSR1\n")
+    proc = _start_script(tmp_path)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "training finished" in out, out
+    assert not (tmp_path / "scontrol.log").exists() and not (tmp_path / "run" / ".preempt").exists()

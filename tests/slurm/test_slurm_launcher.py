@@ -7,17 +7,14 @@ signal -> requeued job running) are printed; run with `-s` to see them.
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.conftest import REPO, read_summary, train_losses
+from tests.conftest import read_summary, train_losses
+from tests.slurm.jobs import JOB_TIMEOUT_S, job_log, logged_steps, submit, trainer, wait_for
 
 if TYPE_CHECKING:
     from conftest import SlurmCluster
@@ -30,62 +27,14 @@ TWO_NODES = ("launcher=slurm", "launcher.nodes=2", "launcher.time=10", "launcher
              "peft.dropout=0", f"train.max_steps={MAX_STEPS}", "train.micro_batch_size=4",
              "train.global_batch_size=8", "eval.max_batches=1", "eval.generate_samples=0", "logger.progress=false",
              "logger.plot=false", "checkpoint.every_n_steps=0")
-JOB_TIMEOUT_S = 300
-ENDED_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"})
-
-
-def _trainer(cluster: SlurmCluster, *args: str, wandb: str = "disabled", **popen) -> subprocess.Popen:
-    """`trainer ARGS` against this cluster (its SLURM_CONF, no job variables inherited from outside)."""
-    env = cluster.env(PYTHONUNBUFFERED="1", WANDB_MODE=wandb)
-    return subprocess.Popen([sys.executable, "-m", "trainer.cli", *args], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
-
-
-def _submit(cluster: SlurmCluster, *args: str) -> tuple[list[int], str]:
-    proc = _trainer(cluster, "train", *args)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out + err
-    return [int(n) for n in re.findall(r"^Submitted batch job (\d+)$", out, re.MULTILINE)], out
-
-
-def _wait_for(predicate, what: str, timeout: float, poll: float = 0.2, job: tuple | None = None):
-    """Poll until `predicate()` is truthy. With job=(cluster, job_id, run_dir), fail at once if the job ends first."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if job is not None:
-            cluster, job_id, run_dir = job
-            state = cluster.job(job_id).get("JobState")
-            if state in ENDED_STATES:
-                log = _job_log(run_dir, job_id) if (run_dir / f"slurm-{job_id}.out").exists() else "(no log)"
-                pytest.fail(f"job {job_id} ended {state} before {what}:\n{log[-4000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not happen within {timeout:.0f} s")
-        time.sleep(poll)
-
-
-def _logged_steps(run_dir: Path) -> list[int]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
-    return [r["step"] for r in records if "loss" in r]
-
-
-def _job_log(run_dir: Path, job_id: int) -> str:
-    return (run_dir / f"slurm-{job_id}.out").read_text()
-
-
 @pytest.fixture(scope="module")
 def two_node_run(slurm_cluster: SlurmCluster, tmp_path_factory) -> dict:
     """One uninterrupted 2-node job: the first test checks it, the preemption test compares against it."""
     run_dir = tmp_path_factory.mktemp("two-nodes") / "run"
     submitted = time.time()
-    job_ids, out = _submit(slurm_cluster, *TWO_NODES, f"run.dir={run_dir}")
-    first_step = _wait_for(lambda: _logged_steps(run_dir) and time.time(), "the first step", JOB_TIMEOUT_S,
-                           job=(slurm_cluster, job_ids[0], run_dir))
+    job_ids, out = submit(slurm_cluster, *TWO_NODES, f"run.dir={run_dir}")
+    first_step = wait_for(lambda: logged_steps(run_dir) and time.time(), "the first step", JOB_TIMEOUT_S,
+                          job=(slurm_cluster, job_ids[0], run_dir))
     info = slurm_cluster.wait_for_job(job_ids[0], timeout=JOB_TIMEOUT_S)
     print(f"\n2-node job: submit -> first step {first_step - submitted:.1f} s, "
           f"submit -> finished {time.time() - submitted:.1f} s")
@@ -95,7 +44,7 @@ def two_node_run(slurm_cluster: SlurmCluster, tmp_path_factory) -> dict:
 def test_two_node_job_trains_the_embedded_model_to_completion(two_node_run, slurm_cluster):
     run_dir, info = two_node_run["run_dir"], two_node_run["info"]
     assert len(two_node_run["job_ids"]) == 1 and f"run dir: {run_dir}" in two_node_run["out"]
-    log = _job_log(run_dir, two_node_run["job_ids"][0])
+    log = job_log(run_dir, two_node_run["job_ids"][0])
     assert info["JobState"] == "COMPLETED", f"{info}\n{log}"
     summary = read_summary(run_dir)
     assert summary["status"] == "completed" and summary["steps"] == MAX_STEPS
@@ -112,25 +61,25 @@ def test_preempted_job_checkpoints_requeues_itself_and_ends_with_the_uninterrupt
         two_node_run, slurm_cluster, tmp_path):
     run_dir = tmp_path / "run"
     # launcher.wait: `trainer train` follows the job through its requeue, as an Optuna trial does.
-    proc = _trainer(slurm_cluster, "train", *TWO_NODES, f"run.dir={run_dir}", "launcher.wait=true",
-                    "logger.wandb.mode=offline", wandb="offline")
-    job_id = int(_wait_for(lambda: (run_dir / "slurm_job_id").is_file() and (run_dir / "slurm_job_id").read_text(),
-                           "the submission", 120))
-    _wait_for(lambda: _logged_steps(run_dir), "the first step", JOB_TIMEOUT_S, job=(slurm_cluster, job_id, run_dir))
+    proc = trainer(slurm_cluster, "train", *TWO_NODES, f"run.dir={run_dir}", "launcher.wait=true",
+                   "logger.wandb.mode=offline", wandb="offline")
+    job_id = int(wait_for(lambda: (run_dir / "slurm_job_id").is_file() and (run_dir / "slurm_job_id").read_text(),
+                          "the submission", 120))
+    wait_for(lambda: logged_steps(run_dir), "the first step", JOB_TIMEOUT_S, job=(slurm_cluster, job_id, run_dir))
     wandb_id = (run_dir / "wandb_run_id").read_text()
 
     signalled = time.time()
     slurm_cluster.run(["scancel", "--batch", "--signal=USR1", str(job_id)])
-    _wait_for(lambda: slurm_cluster.job(job_id).get("Restarts") == "1" and
-              slurm_cluster.job(job_id).get("JobState") == "RUNNING", "the requeued job's start", 120,
-              job=(slurm_cluster, job_id, run_dir))
+    wait_for(lambda: slurm_cluster.job(job_id).get("Restarts") == "1" and
+             slurm_cluster.job(job_id).get("JobState") == "RUNNING", "the requeued job's start", 120,
+             job=(slurm_cluster, job_id, run_dir))
     restarted = time.time()
-    stopped_at = len(_logged_steps(run_dir))
-    _wait_for(lambda: len(_logged_steps(run_dir)) > stopped_at, "the first step after the requeue", JOB_TIMEOUT_S,
-              job=(slurm_cluster, job_id, run_dir))
+    stopped_at = len(logged_steps(run_dir))
+    wait_for(lambda: len(logged_steps(run_dir)) > stopped_at, "the first step after the requeue", JOB_TIMEOUT_S,
+             job=(slurm_cluster, job_id, run_dir))
     resumed_step = time.time()
     out, err = proc.communicate(timeout=JOB_TIMEOUT_S)
-    log = _job_log(run_dir, job_id)
+    log = job_log(run_dir, job_id)
     assert proc.returncode == 0, f"{out}\n{err}\n{log}"
     print(f"\nUSR1 -> requeued job running: {restarted - signalled:.1f} s; "
           f"USR1 -> first step after resuming: {resumed_step - signalled:.1f} s")
@@ -161,17 +110,17 @@ def test_preempted_job_checkpoints_requeues_itself_and_ends_with_the_uninterrupt
 
 def test_grid_sweep_runs_each_point_as_a_slurm_job_and_tabulates_them(slurm_cluster, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    job_ids, out = _submit(slurm_cluster, "-m", "launcher=slurm", "launcher.time=10", "optim.lr=1e-3,3e-3",
-                           "peft.r=4,8", f"hydra.sweep.dir={sweep_dir}", "train.max_steps=2",
-                           "train.micro_batch_size=4", "train.global_batch_size=8", "eval.max_batches=1",
-                           "eval.generate_samples=0", "logger.progress=false", "logger.plot=false")
+    job_ids, out = submit(slurm_cluster, "-m", "launcher=slurm", "launcher.time=10", "optim.lr=1e-3,3e-3",
+                          "peft.r=4,8", f"hydra.sweep.dir={sweep_dir}", "train.max_steps=2",
+                          "train.micro_batch_size=4", "train.global_batch_size=8", "eval.max_batches=1",
+                          "eval.generate_samples=0", "logger.progress=false", "logger.plot=false")
     assert len(set(job_ids)) == 4, out
     assert "when they have finished: trainer sweep summary" in out  # the jobs are queued, not done
     for job_id in job_ids:
         info = slurm_cluster.wait_for_job(job_id, timeout=JOB_TIMEOUT_S)
         assert info["JobState"] == "COMPLETED", info
 
-    proc = _trainer(slurm_cluster, "sweep", "summary", str(sweep_dir))
+    proc = trainer(slurm_cluster, "sweep", "summary", str(sweep_dir))
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
     rows = (sweep_dir / "sweep_summary.csv").read_text().splitlines()
