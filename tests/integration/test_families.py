@@ -38,6 +38,17 @@ TURN_MARKERS = {"llama-2": "[/INST]", "llama-3.1": LLAMA3_TURN, "llama-3.2": LLA
                 "gemma-2": "<start_of_turn>model", "phi-3": "<|assistant|>"}
 
 
+def _train_briefly(model_dir, run_dir, cache_dir, *overrides: str):
+    """Two steps of one chat row on a replica through the CLI; the run must complete."""
+    result = run_cli("train", f"model.path={model_dir}", f"data.path={REPO / 'tests/fixtures/data/chat.jsonl'}",
+                     f"run.dir={run_dir}", "data.max_seq_len=64", "data.val_ratio=0", "train.max_steps=2",
+                     "train.micro_batch_size=1", "train.global_batch_size=1", "eval.max_batches=1",
+                     "logger.progress=false", "logger.plot=false", f"paths.cache_dir={cache_dir}", *overrides,
+                     timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result
+
+
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory):
     from trainer.replicas import FAMILIES, build_replica
@@ -68,12 +79,8 @@ def test_replicas_keep_the_real_quirks_and_the_gqa_ratio(replicas):
 @pytest.mark.parametrize("family", list(FAMILY_LINEARS))
 def test_lora_trains_every_family_through_the_cli_with_its_chat_template(family, replicas, tmp_path):
     run_dir = tmp_path / "run"
-    result = run_cli("train", f"model.path={replicas[family]}", f"data.path={REPO / 'tests/fixtures/data/chat.jsonl'}",
-                     f"run.dir={run_dir}", "data.max_seq_len=64", "data.val_ratio=0", "train.max_steps=2",
-                     "train.micro_batch_size=1", "train.global_batch_size=1", "eval.max_batches=1",
-                     "logger.progress=false", "logger.plot=false", f"paths.cache_dir={tmp_path / 'cache'}",
-                     "optim.lr=1e-2", timeout=600)  # a large step, so that the adapter visibly changes the logits
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    # A large step, so that the adapter visibly changes the logits.
+    result = _train_briefly(replicas[family], run_dir, tmp_path / "cache", "optim.lr=1e-2")
     summary = read_summary(run_dir)
     assert summary["status"] == "completed" and summary["steps"] == 2
     adapter = json.loads((run_dir / "final" / "adapter_config.json").read_text())
@@ -117,12 +124,7 @@ def _merged_export_equals_the_adapter_on_its_base(base_dir, run_dir, out):
 @pytest.mark.parametrize("family", list(FAMILY_LINEARS))
 def test_qlora_trains_every_family_and_generate_speaks_its_chat_format(family, replicas, tmp_path):
     run_dir = tmp_path / "run"
-    result = run_cli("train", f"model.path={replicas[family]}", f"data.path={REPO / 'tests/fixtures/data/chat.jsonl'}",
-                     f"run.dir={run_dir}", "peft=qlora", "data.max_seq_len=64", "data.val_ratio=0",
-                     "train.max_steps=2", "train.micro_batch_size=1", "train.global_batch_size=1",
-                     "eval.max_batches=1", "logger.progress=false", "logger.plot=false",
-                     f"paths.cache_dir={tmp_path / 'cache'}", timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    _train_briefly(replicas[family], run_dir, tmp_path / "cache", "peft=qlora")
     assert read_summary(run_dir)["status"] == "completed"
     answer = run_cli("generate", str(run_dir), "Hello there", "--json", "--max-new-tokens", "4", timeout=300)
     assert answer.returncode == 0, answer.stderr[-2000:]
