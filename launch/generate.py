@@ -66,9 +66,35 @@ class Request:
 
 
 def final_dir(path: str) -> str:
-    """A run dir stands for its final/ (the trained model or adapter)."""
+    """A run dir stands for its final/ (the trained model or adapter), whose weight files must be whole."""
+    from trainer.weights import check_safetensors_files
+
     final = os.path.join(path, "final")
-    return final if os.path.isdir(final) else path
+    if os.path.isdir(final):
+        check_safetensors_files(final)
+        return final
+    if os.path.isfile(os.path.join(path, "config.yaml")) and not is_adapter(path) \
+            and not os.path.isfile(os.path.join(path, "config.json")):
+        _refuse_unfinished_run(path)
+    if os.path.isdir(path):
+        check_safetensors_files(path)
+    return path
+
+
+def _refuse_unfinished_run(run_dir: str) -> None:
+    """A run dir without final/: the run has not finished (or stopped early); say what exists and what to do."""
+    from trainer.adapters import read_run_config
+    from trainer.checkpoint import is_committed, list_checkpoints
+
+    committed = [os.path.basename(d) for d in list_checkpoints(run_dir) if is_committed(d)]
+    peft = ((read_run_config(run_dir).get("peft") or {}).get("name") or "none") != "none"
+    if committed:
+        raise UserError(f"generate: {run_dir} has no final/ (the run has not finished; newest checkpoint "
+                        f"{committed[-1]}): finish it with `trainer train run.dir={run_dir}` (resume=auto), or export "
+                        f"the checkpoint with `trainer export {run_dir} --to {'adapter' if peft else 'hf'} --out DIR` "
+                        "and generate from DIR")
+    raise UserError(f"generate: {run_dir} is a run dir with no final/ and no committed checkpoint: nothing trained "
+                    f"to generate with; run `trainer train run.dir={run_dir}` first")
 
 
 def is_adapter(path: str) -> bool:
