@@ -251,6 +251,7 @@ def main(argv: list[str]) -> int:
         raise UserError("generate: --max-new-tokens must be >= 1")
     if not os.path.isdir(args.source):
         raise UserError(f"generate: {args.source!r} is not a model dir or run dir")
+    final_dir(args.source)  # an unfinished run or truncated weights: one line now, before any library loads
     adapters = parse_adapters(args.adapter)
     requests = read_requests(args.prompts, args.prompts_file)
     model, tokenizer, names, run_config = load_models(args.source, adapters, args.trust_remote_code)

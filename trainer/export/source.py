@@ -93,6 +93,8 @@ def open_source(path: str, log=print) -> ExportSource:
 def check_tensors(source: ExportSource) -> None:
     """The checkpoint's tensors must be the model its config describes (names and shapes of what trained): a
     mismatch would otherwise be written out as a broken model, or an adapter_config.json that lies about them."""
+    import warnings
+
     import torch
 
     from trainer.adapters import apply_peft
@@ -100,9 +102,11 @@ def check_tensors(source: ExportSource) -> None:
 
     config = source.config
     try:
-        model = load_model(config.model, torch.float32, on_meta=True)
-        if source.peft:
-            model = apply_peft(model, config.peft)
+        with warnings.catch_warnings():  # library deprecation notices would break the one-line error below
+            warnings.simplefilter("ignore")
+            model = load_model(config.model, torch.float32, on_meta=True)
+            if source.peft:
+                model = apply_peft(model, config.peft)
     except UserError:
         raise
     except Exception:  # an architecture that cannot be built on the meta device: the export itself will tell
