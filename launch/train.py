@@ -26,8 +26,8 @@ def _task(cfg) -> int:
     config = resolve_auto_strategy(config)  # strategy=auto -> a concrete strategy, frozen as such (else unchanged)
     # Ours to remove on failure only if it held nothing before (Hydra may have just created it, empty).
     fresh = not os.path.isdir(config.run.dir) or not os.listdir(config.run.dir)
-    with _run_dir_lock(config):
-        try:
+    try:
+        with _run_dir_lock(config):
             # The run's identity: a resume may change only what is safe (trainer/run_identity.py); checked before
             # anything is written, so a refused command leaves config.yaml as it was.
             if check_resume(config, config.run.dir):
@@ -36,11 +36,15 @@ def _task(cfg) -> int:
                 check_checkpoint_source(config, config.resume)
             if point is not None:
                 record_point(config.run.dir, point)
-            return launch_run(config, wait=needs_result(point))
-        except UserError:
-            if fresh:
-                _remove_if_it_never_trained(config.run.dir)
-            raise
+            if config.launcher.name == "local":  # trains here: the lock is held until the run ends
+                return launch_run(config, wait=needs_result(point))
+        # Slurm: the job script takes the lock on its first node for the job's life, so this process must not hold
+        # it while it submits and perhaps waits for that job.
+        return launch_run(config, wait=needs_result(point))
+    except UserError:
+        if fresh:
+            _remove_if_it_never_trained(config.run.dir)
+        raise
 
 
 def _run_dir_lock(config):
