@@ -66,9 +66,35 @@ class Request:
 
 
 def final_dir(path: str) -> str:
-    """A run dir stands for its final/ (the trained model or adapter)."""
+    """A run dir stands for its final/ (the trained model or adapter), whose weight files must be whole."""
+    from trainer.weights import check_safetensors_files
+
     final = os.path.join(path, "final")
-    return final if os.path.isdir(final) else path
+    if os.path.isdir(final):
+        check_safetensors_files(final)
+        return final
+    if os.path.isfile(os.path.join(path, "config.yaml")) and not is_adapter(path) \
+            and not os.path.isfile(os.path.join(path, "config.json")):
+        _refuse_unfinished_run(path)
+    if os.path.isdir(path):
+        check_safetensors_files(path)
+    return path
+
+
+def _refuse_unfinished_run(run_dir: str) -> None:
+    """A run dir without final/: the run has not finished (or stopped early); say what exists and what to do."""
+    from trainer.adapters import read_run_config
+    from trainer.checkpoint import is_committed, list_checkpoints
+
+    committed = [os.path.basename(d) for d in list_checkpoints(run_dir) if is_committed(d)]
+    peft = ((read_run_config(run_dir).get("peft") or {}).get("name") or "none") != "none"
+    if committed:
+        raise UserError(f"generate: {run_dir} has no final/ (the run has not finished; newest checkpoint "
+                        f"{committed[-1]}): finish it with `trainer train run.dir={run_dir}` (resume=auto), or export "
+                        f"the checkpoint with `trainer export {run_dir} --to {'adapter' if peft else 'hf'} --out DIR` "
+                        "and generate from DIR")
+    raise UserError(f"generate: {run_dir} is a run dir with no final/ and no committed checkpoint: nothing trained "
+                    f"to generate with; run `trainer train run.dir={run_dir}` first")
 
 
 def is_adapter(path: str) -> bool:
@@ -225,6 +251,7 @@ def main(argv: list[str]) -> int:
         raise UserError("generate: --max-new-tokens must be >= 1")
     if not os.path.isdir(args.source):
         raise UserError(f"generate: {args.source!r} is not a model dir or run dir")
+    final_dir(args.source)  # an unfinished run or truncated weights: one line now, before any library loads
     adapters = parse_adapters(args.adapter)
     requests = read_requests(args.prompts, args.prompts_file)
     model, tokenizer, names, run_config = load_models(args.source, adapters, args.trust_remote_code)

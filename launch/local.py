@@ -62,7 +62,7 @@ def run_local(config: Config) -> int:
     shutil.rmtree(os.path.join(config.run.dir, STATUS_DIR), ignore_errors=True)
     command = worker_command(launcher, config.run.dir)
     sys.stderr.write(f"[trainer] launching {launcher.world_size} workers: {' '.join(command)}\n")
-    result = subprocess.run(command, env=worker_environment())
+    result = subprocess.run(command, env=worker_environment(), preexec_fn=_die_with_parent)
     if result.returncode == 0:
         return 0
     failures = read_failures(config.run.dir)
@@ -79,6 +79,19 @@ def run_local(config: Config) -> int:
         raise WorkerFailed(first["exit_code"], f"worker rank {first['rank']} failed: {first['message']}")
     raise WorkerFailed(result.returncode, f"workers exited with code {result.returncode} (a rank was killed or "
                        "crashed before it could report; see the output above)")
+
+
+def _die_with_parent() -> None:
+    """In the torchrun/deepspeed launcher child: SIGTERM it when this process dies (even by SIGKILL). This process
+    holds the run dir's lock (trainer/run_lock.py), which the kernel releases when it dies; workers outliving it
+    would train unlocked beside the next job. SIGTERM is the preemption signal: they checkpoint and stop."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux; elsewhere a no-op)
+    except (OSError, AttributeError):
+        pass
 
 
 class WorkerFailed(UserError):

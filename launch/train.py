@@ -15,6 +15,7 @@ def _task(cfg) -> int:
     from launch.sweep import needs_result, prepare_point, record_point
     from trainer.config.frozen import save_frozen
     from trainer.config.validate import to_config
+    from trainer.run_identity import check_checkpoint_source, check_resume
 
     point = prepare_point(cfg)  # in a sweep: the point's own run dir (the sweep subdir), the sweep's W&B group
     cfg.run.dir = os.path.abspath(cfg.run.dir)  # the frozen config names its own dir wherever the job runs
@@ -25,15 +26,37 @@ def _task(cfg) -> int:
     config = resolve_auto_strategy(config)  # strategy=auto -> a concrete strategy, frozen as such (else unchanged)
     # Ours to remove on failure only if it held nothing before (Hydra may have just created it, empty).
     fresh = not os.path.isdir(config.run.dir) or not os.listdir(config.run.dir)
-    save_frozen(config, config.run.dir)
-    if point is not None:
-        record_point(config.run.dir, point)
     try:
+        with _run_dir_lock(config):
+            # The run's identity: a resume may change only what is safe (trainer/run_identity.py); checked before
+            # anything is written, so a refused command leaves config.yaml as it was.
+            if check_resume(config, config.run.dir):
+                save_frozen(config, config.run.dir)
+            if config.resume not in ("auto", "never"):
+                check_checkpoint_source(config, config.resume)
+            if point is not None:
+                record_point(config.run.dir, point)
+            if config.launcher.name == "local":  # trains here: the lock is held until the run ends
+                return launch_run(config, wait=needs_result(point))
+        # Slurm: the job script takes the lock on its first node for the job's life, so this process must not hold
+        # it while it submits and perhaps waits for that job.
         return launch_run(config, wait=needs_result(point))
     except UserError:
         if fresh:
             _remove_if_it_never_trained(config.run.dir)
         raise
+
+
+def _run_dir_lock(config):
+    """The run dir's lock for this command's life (trainer/run_lock.py). Several nodes started by hand: only
+    node_rank 0's command holds it (the others join that job)."""
+    import contextlib
+
+    from trainer.run_lock import RunLock
+
+    if config.launcher.name == "local" and config.launcher.node_rank != 0:
+        return contextlib.nullcontext()
+    return RunLock(config.run.dir)
 
 
 def _say_defaults(notes: list[str], stream=None) -> None:
@@ -88,12 +111,9 @@ def _remove_if_it_never_trained(run_dir: str) -> None:
     it, and a corrected command starts clean instead of resuming from it. Anything trained is kept."""
     import shutil
 
-    metrics = os.path.join(run_dir, "metrics.jsonl")
-    trained = os.path.isdir(os.path.join(run_dir, "checkpoints")) or os.path.isdir(os.path.join(run_dir, "final"))
-    if not trained and os.path.isfile(metrics):
-        with open(metrics, encoding="utf-8") as fh:
-            trained = any('"step"' in line for line in fh)
-    if not trained:
+    from trainer.run_identity import has_trained
+
+    if not has_trained(run_dir):
         shutil.rmtree(run_dir, ignore_errors=True)
 
 

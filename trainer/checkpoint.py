@@ -28,6 +28,8 @@ MARKER = "COMMITTED"
 STATE_FILE = "trainer_state.json"
 MANIFEST_PREFIX = "manifest-rank"  # each rank's share of sizes and checksums, merged into COMMITTED
 RESHARD_DIR = "resharded"  # in the run dir: a checkpoint converted for another world size while it is loaded
+RUN_CONFIG = "run_config.yaml"  # in each checkpoint: the run's config.yaml as it was when the checkpoint was written
+SET_ASIDE_DIR = "checkpoints-set-aside"  # in the run dir: committed checkpoints of an abandoned timeline, kept
 _CHUNK = 8 * 1024 * 1024
 
 
@@ -110,8 +112,14 @@ def list_checkpoints(run_dir: str) -> list[str]:
     return [os.path.join(root, n) for n in names]
 
 
-def find_resumable(run_dir: str, warn=print, rank: int = 0, world_size: int = 1, agree=None) -> str | None:
-    """The newest committed, intact checkpoint; damaged or uncommitted ones are skipped with a warning.
+def is_committed(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, MARKER))
+
+
+def find_resumable(run_dir: str, warn=print, rank: int = 0, world_size: int = 1, agree=None,
+                   problems: dict | None = None) -> str | None:
+    """The newest committed, intact checkpoint; damaged or uncommitted ones are skipped with a warning (and their
+    problem recorded in `problems`, by dir name, when given).
 
     With several ranks each checks its share of the checksums and `agree` (an all-reduce max) makes every rank
     reject a checkpoint that any rank found damaged, so all ranks pick the same one."""
@@ -122,7 +130,24 @@ def find_resumable(run_dir: str, warn=print, rank: int = 0, world_size: int = 1,
         if problem is None:
             return directory
         warn(f"skipping checkpoint {directory}: {problem}")
+        if problems is not None:
+            problems[os.path.basename(directory)] = problem
     return None
+
+
+def set_aside(run_dir: str, directory: str, log=print) -> str:
+    """Move a committed checkpoint that is not superseded (a newer step of an abandoned timeline, or damaged) out
+    of checkpoints/, where resume=auto would find it, into RUN/checkpoints-set-aside/: never deleted by us."""
+    root = os.path.join(run_dir, SET_ASIDE_DIR)
+    os.makedirs(root, exist_ok=True)
+    target, n = os.path.join(root, os.path.basename(directory)), 1
+    while os.path.exists(target):
+        n += 1
+        target = os.path.join(root, f"{os.path.basename(directory)}.{n}")
+    os.replace(directory, target)
+    log(f"set {directory} aside as {target}: it is not older than the checkpoint this run continues from (another "
+        "timeline, or damaged); delete it when you no longer need it")
+    return target
 
 
 def _rng_state() -> dict:
@@ -194,7 +219,10 @@ class CheckpointManager:
         step = recipe.state.step
         directory = os.path.join(self.run_dir, "checkpoints", step_dir_name(step))
         if self.strategy.is_main and os.path.exists(directory):
-            shutil.rmtree(directory)  # a leftover of a save that crashed at this step (or of an abandoned timeline)
+            if is_committed(directory):  # another timeline's (resume went back) or a damaged one: kept aside
+                set_aside(self.run_dir, directory, self.log)
+            else:
+                shutil.rmtree(directory)  # a leftover of a save that crashed at this step
         self.strategy.barrier()
         os.makedirs(directory, exist_ok=True)
         future = self.strategy.save_state(recipe.model, recipe.optimizer, os.path.join(directory, "state"),
@@ -203,6 +231,7 @@ class CheckpointManager:
             json.dump(_rng_state(), fh)
         if self.strategy.is_main:
             write_json_atomically(os.path.join(directory, STATE_FILE), self._trainer_state(recipe))
+            self._write_run_config(directory)
         self._last_save = time.monotonic()
         self._timing = (started, time.perf_counter() - started)
         if future is None:
@@ -210,6 +239,15 @@ class CheckpointManager:
         else:
             self._pending = (directory, step, future)
         return directory
+
+    def _write_run_config(self, directory: str) -> None:
+        """The config this checkpoint was trained with travels inside it (and is covered by COMMITTED), so export,
+        generate and resume=PATH read the model and PEFT shape its tensors have, wherever it is copied."""
+        source = os.path.join(self.run_dir, "config.yaml")
+        if os.path.isfile(source):
+            target = os.path.join(directory, RUN_CONFIG)
+            shutil.copyfile(source, f"{target}.tmp.{os.getpid()}")
+            os.replace(f"{target}.tmp.{os.getpid()}", target)
 
     def _trainer_state(self, recipe) -> dict:
         return {
@@ -271,9 +309,9 @@ class CheckpointManager:
 
     def _prune(self, newest: int) -> None:
         """After committing step `newest`: keep the newest `keep_last` committed checkpoints up to it; remove
-        uncommitted debris older than it (a crashed save is never completed once a later one committed) and
-        anything newer (damaged, or another timeline's after `resume=PATH` went back: `resume=auto` must not
-        jump to it later)."""
+        uncommitted debris (a crashed save is never completed once a later one committed). Committed checkpoints
+        newer than it (damaged, or another timeline's after `resume=PATH` or `resume=never` went back:
+        `resume=auto` must not jump to them later) are not superseded, so they are set aside, never deleted."""
         def step_of(directory: str) -> int:
             return int(os.path.basename(directory)[5:])
 
@@ -282,9 +320,9 @@ class CheckpointManager:
         doomed = committed[:-self.cfg.keep_last] if self.cfg.keep_last else []
         doomed += [d for d in checkpoints if d not in committed and step_of(d) != newest]
         for directory in doomed:
-            if step_of(directory) > newest:
-                self.log(f"removing {directory}: newer than the step just saved (damaged, or left behind by a resume "
-                         "from an earlier checkpoint)")
+            if step_of(directory) > newest and is_committed(directory):
+                set_aside(self.run_dir, directory, self.log)
+                continue
             marker = os.path.join(directory, MARKER)
             if os.path.exists(marker):
                 os.remove(marker)  # first: a crash mid-delete leaves an uncommitted dir, never a "whole" broken one
@@ -298,9 +336,11 @@ class CheckpointManager:
             return None
         rank, world = self.strategy.rank, self.strategy.world_size
         if resume == "auto":
+            problems: dict[str, str] = {}
             directory = find_resumable(self.run_dir, warn=self._warn, rank=rank, world_size=world,
-                                       agree=self.strategy.all_reduce_max)
+                                       agree=self.strategy.all_reduce_max, problems=problems)
             if directory is None:
+                self._refuse_damaged_history(problems)
                 return None
         else:
             directory = resume
@@ -311,6 +351,16 @@ class CheckpointManager:
         self.load(directory, recipe)
         recipe.logger.info(f"resumed from {directory} at step {recipe.state.step}")
         return directory
+
+    def _refuse_damaged_history(self, problems: dict[str, str]) -> None:
+        """Checkpoints were committed and none loads: starting from step 0 would train over (and prune away) the
+        run's history. Uncommitted ones alone never counted (a crash during the first save): those start afresh."""
+        committed = [os.path.basename(d) for d in list_checkpoints(self.run_dir) if is_committed(d)]
+        if committed:
+            listing = "; ".join(f"{name}: {problems.get(name, 'unusable')}" for name in reversed(committed))
+            raise UserError(f"cannot resume {self.run_dir}: no committed checkpoint can be loaded ({listing}); "
+                            "restore one, resume from a checkpoint by path (resume=PATH), or start again from step 0 "
+                            "with resume=never (the damaged ones are then set aside, not deleted)")
 
     def _warn(self, message: str) -> None:
         if self.strategy.is_main:

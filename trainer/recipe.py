@@ -110,8 +110,11 @@ class Recipe:
 
         cfg = self.config
         checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint, self.strategy, log=self.logger.info)
+        configured = self._optimizer_settings()
         if checkpoints.resume(cfg.resume, self) is None:
             self.state.eval_before = self.evaluate(step=0)
+        else:
+            self._apply_optimizer_settings(configured)
         self.logger.info(f"training {self.total_steps} steps: global batch {cfg.train.global_batch_size} = micro "
                          f"{cfg.train.micro_batch_size} x {self.strategy.world_size} ranks x "
                          f"{self.accumulation_steps} accumulation; {len(self.data.train)} training rows")
@@ -150,6 +153,27 @@ class Recipe:
         final_dir = self.save_final()
         return self._summary(status, eval_after, final_dir, throughput.steady_tokens_per_second,
                              peak_memory_bytes(self.strategy.device))
+
+    def _optimizer_settings(self) -> tuple[list, list]:
+        """(the scheduler's base LRs, each param group's hyperparameters) as built from this run's config."""
+        keys = ("weight_decay", "betas", "eps")
+        groups = [{k: g[k] for k in keys if k in g} for g in self.optimizer.param_groups]
+        return list(self.scheduler.base_lrs), groups
+
+    def _apply_optimizer_settings(self, configured: tuple[list, list]) -> None:
+        """A resume restores the optimizer's hyperparameters and the scheduler's base LRs from the checkpoint; the
+        launcher let a different value through only where run.allow_changes asked for it (trainer/run_identity.py),
+        so the config's values are the ones to train with from here. Unchanged values are left untouched."""
+        base_lrs, groups = configured
+        if list(self.scheduler.base_lrs) != base_lrs:
+            self.scheduler.base_lrs = list(base_lrs)
+            for group, base, schedule in zip(self.optimizer.param_groups, base_lrs, self.scheduler.lr_lambdas):
+                group["lr"] = base * schedule(self.scheduler.last_epoch)
+            self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        for group, wanted in zip(self.optimizer.param_groups, groups):
+            for key, value in wanted.items():
+                if group.get(key) != value:
+                    group[key] = value
 
     def train_step(self) -> dict:
         """One optimizer step over one global batch; returns metrics (host sync only for logged values)."""

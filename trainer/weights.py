@@ -94,3 +94,34 @@ def iter_safetensors(model_dir: str) -> Iterator[tuple[str, object]]:
         with safe_open(os.path.join(model_dir, file), framework="pt") as handle:
             for key in handle.keys():
                 yield key, handle.get_tensor(key)
+
+
+def check_safetensors_files(directory: str) -> None:
+    """Every *.safetensors file in `directory` must be as long as its header says: a truncated or cut file (a copy
+    that stopped, a full disk) is one line naming it, not a traceback from deep inside a loader."""
+    import struct
+
+    for name in sorted(os.listdir(directory)):
+        if not name.endswith(".safetensors"):
+            continue
+        path = os.path.join(directory, name)
+        size = os.path.getsize(path)
+        problem = None
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(8)
+                header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+                header = json.loads(fh.read(header_len)) if header_len is not None and 8 + header_len <= size else None
+        except (OSError, ValueError, struct.error):
+            header = None
+        if header is None:
+            problem = f"{size} bytes, not even a whole safetensors header"
+        else:
+            ends = [entry["data_offsets"][1] for key, entry in header.items()
+                    if key != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
+            expected = 8 + header_len + max(ends, default=0)
+            if size != expected:
+                problem = f"{size} bytes where its header describes {expected}"
+        if problem:
+            raise UserError(f"{path} is truncated or damaged ({problem}): restore it, or write it again (`trainer "
+                            "export` from a checkpoint, or train the run again)")

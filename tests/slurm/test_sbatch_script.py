@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -179,7 +180,8 @@ def _start_script(tmp_path: Path, *overrides: str) -> subprocess.Popen:
     """The rendered script, run by bash as Slurm would, against the stand-ins above."""
     (tmp_path / "run").mkdir(exist_ok=True)
     script = tmp_path / "run" / "train.sbatch"
-    script.write_text(_render(tmp_path, *overrides))
+    # The real interpreter: the script takes the run dir's lock with `$PYTHON -m trainer.run_lock` (cwd: this repo).
+    script.write_text(_render(tmp_path, *overrides).replace("PYTHON=/opt/venv/bin/python", f"PYTHON={sys.executable}"))
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
@@ -188,7 +190,7 @@ def _start_script(tmp_path: Path, *overrides: str) -> subprocess.Popen:
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "node1",
            "FAKE_SCONTROL_LOG": str(tmp_path / "scontrol.log")}
     return subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, cwd=REPO)
 
 
 def test_a_signal_during_the_site_setup_still_checkpoints_and_requeues_the_job(tmp_path):
@@ -214,3 +216,15 @@ def test_a_request_answered_by_an_earlier_run_of_the_job_is_not_taken_for_a_new_
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "training finished" in out, out
     assert not (tmp_path / "scontrol.log").exists() and not (tmp_path / "run" / ".preempt").exists()
+
+
+def test_a_job_on_a_run_dir_that_another_job_holds_is_refused_before_training(tmp_path):
+    """The job script takes the run dir's lock (trainer/run_lock.py) for the job's life; held by another: exit 2."""
+    from trainer.run_lock import RunLock
+
+    with RunLock(str(tmp_path / "run")):
+        proc = _start_script(tmp_path)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2, out
+    assert f"trainer: run dir {tmp_path / 'run'} is in use by pid {os.getpid()}" in out, out
+    assert "training finished" not in out and not (tmp_path / "run" / ".workers").exists()

@@ -54,10 +54,17 @@ class RunConfig:
     name: str = "${run_label:}"  # a label for the run (default: model-data-method); part of the run dir and W&B name
     dir: str = "${paths.runs_dir}/${run.name}-${now:%Y%m%d-%H%M%S}"  # where config, metrics, checkpoints go
     objective: str = "eval_after.loss"  # summary.json metric that sweeps rank by and Optuna optimises
+    # Optimizer settings a resume may change (a resume restores them from the checkpoint otherwise, and refuses a
+    # different value), e.g. [optim.lr]; see trainer/run_identity.py and docs/checkpoints.md
+    allow_changes: List[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        from trainer.run_identity import OPT_IN_KEYS
+
         require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
         require(bool(self.dir), "dir", "must be a directory path")
+        for i, key in enumerate(self.allow_changes):
+            one_of(key, OPT_IN_KEYS, f"allow_changes.{i}")
 
 
 @dataclass

@@ -56,11 +56,15 @@ def open_source(path: str, log=print) -> ExportSource:
             path = find_resumable(run_dir, warn=log)
             if path is None:
                 raise UserError(f"{run_dir} has neither final/ nor a committed checkpoint to export")
-    config = load_frozen(run_dir)
+    # A checkpoint carries the config it was trained with (trainer/checkpoint.py); older ones have only the run's.
+    own = os.path.join(path, "run_config.yaml")
+    config = load_frozen(own if os.path.isfile(own) else run_dir)
     peft = config.peft.name != "none"
     if os.path.basename(path) == "final":
         from trainer.export.checkpoint_reader import SafetensorsReader
+        from trainer.weights import check_safetensors_files
 
+        check_safetensors_files(path)
         return ExportSource(path, "final", run_dir, config, SafetensorsReader(path), f"{path} (the run's final model)")
     if not os.path.basename(path).startswith("step-"):
         raise UserError(f"{path} is neither a run dir, its final/, nor a checkpoint (RUN/checkpoints/step-N)")
@@ -81,4 +85,46 @@ def open_source(path: str, log=print) -> ExportSource:
     fmt = "deepspeed" if type(reader).__name__ == "DeepSpeedReader" else "dcp"
     description = (f"{path} (step {saved['trainer']['step']}, {fmt} checkpoint written by "
                    f"{saved.get('world_size', 1)} rank(s), {'PEFT ' + config.peft.name if peft else 'full fine-tune'})")
-    return ExportSource(path, "checkpoint", run_dir, config, reader, description)
+    source = ExportSource(path, "checkpoint", run_dir, config, reader, description)
+    check_tensors(source)
+    return source
+
+
+def check_tensors(source: ExportSource) -> None:
+    """The checkpoint's tensors must be the model its config describes (names and shapes of what trained): a
+    mismatch would otherwise be written out as a broken model, or an adapter_config.json that lies about them."""
+    import warnings
+
+    import torch
+
+    from trainer.adapters import apply_peft
+    from trainer.model import load_model
+
+    config = source.config
+    try:
+        with warnings.catch_warnings():  # library deprecation notices would break the one-line error below
+            warnings.simplefilter("ignore")
+            model = load_model(config.model, torch.float32, on_meta=True)
+            if source.peft:
+                model = apply_peft(model, config.peft)
+    except UserError:
+        raise
+    except Exception:  # an architecture that cannot be built on the meta device: the export itself will tell
+        return
+    # Every tensor in the checkpoint must exist in the config's model with the same shape; under PEFT every trainable
+    # tensor must be there too (a full checkpoint's frozen parameters may be absent: DeepSpeed keeps trained ones).
+    known = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    found = {spec.name: tuple(spec.shape) for spec in source.reader.specs}
+    wrong = [f"{name} is {list(shape)}, the config's model has {list(known[name])}"
+             for name, shape in found.items() if name in known and known[name] != shape]
+    extra = [name for name in found if name not in known]
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and name not in found] \
+        if source.peft else []
+    problem = wrong[:1] or ([f"it holds {extra[0]} (and {len(extra) - 1} more), which the config's model has not"]
+                            if extra else []) or (
+        [f"{missing[0]} (and {len(missing) - 1} more) of the config's adapters are missing"] if missing else [])
+    if problem:
+        what = f"peft={config.peft.name}" + (f" r={config.peft.r}" if hasattr(config.peft, "r") else "")
+        raise UserError(f"cannot export {source.location}: its tensors do not match the config it is read with "
+                        f"({what}, model.path={config.model.path}): {problem[0]}; restore the run's config.yaml "
+                        "(resume_history.jsonl lists every accepted change)")
