@@ -63,8 +63,10 @@ def run(overrides: list[str]) -> int:
     from trainer.data.packing import padding_efficiency
     from trainer.data.report import format_report
     from trainer.model import load_tokenizer
+    from trainer.preflight import check_tokenizer_files
 
     config = compose(overrides)
+    check_tokenizer_files(config.model)
     parsed = parse_sources(config.data)  # bad records fail here, before the tokenizer is loaded
     tokenizer = load_tokenizer(config.model)
     data = prepare_datasets(config.data, tokenizer, config.seed, config.paths.cache_dir, parsed=parsed)

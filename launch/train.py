@@ -15,6 +15,7 @@ def _task(cfg) -> int:
     from launch.sweep import needs_result, prepare_point, record_point
     from trainer.config.frozen import save_frozen
     from trainer.config.validate import to_config
+    from trainer.preflight import preflight
     from trainer.run_identity import check_checkpoint_source, check_resume
 
     point = prepare_point(cfg)  # in a sweep: the point's own run dir (the sweep subdir), the sweep's W&B group
@@ -24,6 +25,7 @@ def _task(cfg) -> int:
     _say_defaults(notes)
     _warn_if_demo_data_under_another_model(config)
     config = resolve_auto_strategy(config)  # strategy=auto -> a concrete strategy, frozen as such (else unchanged)
+    preflight(config)  # model files, attention kernels and PEFT module names: before a run dir or a worker exists
     # Ours to remove on failure only if it held nothing before (Hydra may have just created it, empty).
     fresh = not os.path.isdir(config.run.dir) or not os.listdir(config.run.dir)
     try:
@@ -89,6 +91,7 @@ def print_job_config(argv: list[str]) -> int:
     from launch.compose import compose_train_config
     from trainer.config.frozen import config_to_dict
     from trainer.config.validate import to_config
+    from trainer.preflight import preflight
 
     overrides, skip = [], False
     for i, arg in enumerate(argv):
@@ -100,6 +103,7 @@ def print_job_config(argv: list[str]) -> int:
             overrides.append(arg)
     notes: list[str] = []
     config = resolve_auto_strategy(to_config(compose_train_config(overrides), notes))
+    preflight(config)
     _say_defaults(notes, sys.stderr)  # stdout is the YAML
     sys.stdout.write(OmegaConf.to_yaml(OmegaConf.create(config_to_dict(config))))
     return 0

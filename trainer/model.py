@@ -8,7 +8,6 @@ through safetensors (or `weights_only` pickles); code shipped with a checkpoint 
 from __future__ import annotations
 
 import logging
-import os
 
 from trainer.config.schema import ModelConfig
 from trainer.errors import ConfigError
@@ -30,11 +29,17 @@ def load_tokenizer(cfg: ModelConfig):
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
         raise ConfigError("model.tokenizer" if cfg.tokenizer else "model.path",
-                          f"cannot load a tokenizer from {source!r}: {str(err).splitlines()[0]}") from None
+                          f"cannot load a tokenizer from {source!r}: {_one_line(err)}") from None
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of attention and loss, so any id works; EOS is always present.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _one_line(err: Exception, limit: int = 300) -> str:
+    """A library's multi-line message (some end their first line with "one of:") folded into one line."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def load_model_config(cfg: ModelConfig):
@@ -66,16 +71,12 @@ def load_model(cfg: ModelConfig, dtype, on_meta: bool = False):
     elif cfg.init == "random":
         model = AutoModelForCausalLM.from_config(load_model_config(cfg), dtype=dtype, **common)
     else:
-        if cfg.path and os.path.isdir(cfg.path) and not _has_weights(cfg.path):
-            raise ConfigError("model.path", f"{cfg.path!r} holds no weights (*.safetensors or *.bin); "
-                              "use model.init=random to start from fresh weights")
+        from trainer.preflight import check_model_files
+
+        check_model_files(cfg)
         model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, **common)
     model.config.use_cache = False  # the KV cache only costs memory in training
     return model
-
-
-def _has_weights(path: str) -> bool:
-    return any(name.endswith((".safetensors", ".bin")) for name in os.listdir(path))
 
 
 def quantization_config(peft_cfg, precision: str):
