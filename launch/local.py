@@ -58,6 +58,9 @@ def run_local(config: Config) -> int:
 
     # Normally installed already (launch/train.py); from here a signal to this process is a preemption request.
     watcher = watch(LAUNCHER_SIGNALS)
+    if watcher.reason:  # before anything trained: nothing to save, and the same command starts afresh
+        raise WorkerFailed(EXIT_REQUEUE, f"{watcher.reason} before training started: stopped with nothing to save; "
+                           "run the same command again to start")
     launcher = config.launcher
     # One rank of `single` runs in this process; other strategies need a process group, which torchrun sets up.
     if launcher.world_size == 1 and launcher.backend == "torchrun" and config.strategy.name == "single":

@@ -10,12 +10,12 @@ from trainer.errors import EXIT_USER_ERROR, UserError
 
 
 def _task(cfg) -> int:
-    if cfg.launcher.name == "local":
-        from trainer.preemption import LAUNCHER_SIGNALS, watch
+    if cfg.launcher.name != "local":
+        from trainer.preemption import unwatch
 
-        # First: from here on SIGTERM/SIGINT/SIGUSR1 ask the run to checkpoint and exit 85 (launch/local.py passes
-        # them on to the workers), instead of killing this process, which holds the run dir's lock.
-        watch(LAUNCHER_SIGNALS)
+        # Only a local run answers signals with a checkpoint (launch/local.py passes them on to its workers); a
+        # Slurm submission, or the wait for its result, ends on a signal as any command does.
+        unwatch()
     from launch.auto_strategy import resolve_auto_strategy
     from launch.run import launch_run
     from launch.sweep import needs_result, prepare_point, record_point

@@ -113,3 +113,14 @@ def watch(signals=PREEMPTION_SIGNALS) -> PreemptionWatcher:
     if _WATCHER is None:
         _WATCHER = PreemptionWatcher(signals=signals)
     return _WATCHER
+
+
+def unwatch() -> None:
+    """Restore the signals' previous handlers; a request that came meanwhile is delivered to them now."""
+    global _WATCHER
+    if _WATCHER is None:
+        return
+    watcher, _WATCHER = _WATCHER, None
+    watcher.close()
+    if watcher.reason in signal.Signals.__members__:
+        signal.raise_signal(signal.Signals[watcher.reason])

@@ -295,7 +295,9 @@ class Recipe:
     def evaluate(self, step: int, check=None) -> dict:
         """`check()` runs between batches and may raise to stop the evaluation (a preemption request)."""
         from trainer.evaluate import evaluate_loss, generation_metrics
+        from trainer.faults import fault_point
 
+        fault_point(f"eval-{step}")
         cfg = self.config
         metrics = evaluate_loss(self.model, self.data.val, self.strategy, cfg.train.micro_batch_size,
                                 self.tokenizer.pad_token_id, cfg.eval.max_batches, check=check)
@@ -324,7 +326,9 @@ class Recipe:
     def save_final(self) -> str:
         """final/: a Hugging Face model dir (full fine-tune) or a PEFT adapter dir, with the tokenizer."""
         from trainer.checkpoint import save_final_model
+        from trainer.faults import fault_point
 
+        fault_point("final-save")
         final_dir = os.path.join(self.run_dir, "final")
         save_final_model(self.strategy, self.model, self.tokenizer, final_dir)
         return final_dir
