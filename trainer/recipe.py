@@ -106,7 +106,7 @@ class Recipe:
     def train(self) -> dict:
         from trainer.checkpoint import CheckpointManager
         from trainer.metrics import Throughput, peak_memory_bytes
-        from trainer.preemption import Preempted, watch
+        from trainer.preemption import watch
 
         cfg = self.config
         # Installed by the worker (or launcher) at its start; a request that came since then is answered here.
@@ -149,9 +149,8 @@ class Recipe:
                 break
         eval_after = {}
         if status not in ("preempted", "stopped_nonfinite"):
-            try:
-                eval_after = self.evaluate(step=self.state.step, check=lambda: self.preemption.check(self.strategy))
-            except Preempted:  # the training is done but not saved as final/: keep it as a checkpoint
+            eval_after = self._evaluate_unless_preempted(self.state.step)
+            if eval_after is None:  # the training is done but not yet saved as final/: keep it as a checkpoint
                 status = self._stop_for_preemption(checkpoints, saved_step)
         checkpoints.finish()  # a background save still in flight is committed before the run ends
         if status in ("preempted", "stopped_nonfinite"):

@@ -82,6 +82,7 @@ def _refuse_unknown_keys(node: Any, typed: Any, key: str, section: str) -> None:
 
     from omegaconf import DictConfig
 
+    from trainer.config.frozen import is_secret_key
     from trainer.config.suggest import suggest_key
 
     if not dataclasses.is_dataclass(typed) or not isinstance(node, DictConfig):
@@ -89,6 +90,9 @@ def _refuse_unknown_keys(node: Any, typed: Any, key: str, section: str) -> None:
     fields = {f.name for f in dataclasses.fields(typed)}
     for name in node.keys():
         dotted = f"{key}.{name}" if key else str(name)  # under the section: the caller adds it
+        if name not in fields and is_secret_key(str(name)):
+            raise ConfigError(dotted, "credentials are not config keys (the command line is recorded in shell history, "
+                              "process lists and W&B): set them in the environment, e.g. WANDB_API_KEY or HF_TOKEN")
         if name not in fields:
             close = suggest_key(f"{section}.{dotted}")
             hint = f"did you mean {close}? " if close else ""

@@ -1,0 +1,70 @@
+"""Damaged or foreign model weights given as model.path: one line naming the file and what to do, exit 2, no
+traceback, before a run dir exists. About 1 minute."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, assert_one_line_error, run_cli
+
+TINY = REPO / "trainer" / "assets" / "tiny-llama"
+
+
+def _copy(tmp_path: Path) -> Path:
+    model = tmp_path / "model"
+    shutil.copytree(TINY, model)
+    return model
+
+
+def _truncate(model: Path) -> str:
+    weights = model / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    return "truncated or damaged"
+
+
+def _damage_header(model: Path) -> str:
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:40] = b"#" * 32  # the JSON header's start
+    weights.write_bytes(bytes(data))
+    return "truncated or damaged"
+
+
+def _disagreeing_config(model: Path) -> str:
+    config = json.loads((model / "config.json").read_text())
+    config["intermediate_size"] = config["intermediate_size"] * 2
+    (model / "config.json").write_text(json.dumps(config))
+    return "does not belong to these weights"
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/trainer-test-pwned",))
+
+
+def _malicious_pickle(model: Path) -> str:
+    (model / "model.safetensors").unlink()
+    (model / "pytorch_model.bin").write_bytes(pickle.dumps({"x": _Evil()}))
+    return "refused to load"
+
+
+CASES = {"truncated": _truncate, "damaged header": _damage_header, "config disagrees": _disagreeing_config,
+         "malicious .bin": _malicious_pickle}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_refused_in_one_line_naming_the_file(case, tmp_path):
+    model = _copy(tmp_path)
+    fragment = CASES[case](model)
+    result = run_cli("train", f"run.dir={tmp_path / 'run'}", f"model.path={model}", f"model.tokenizer={TINY}",
+                     "train.max_steps=1", f"data.path={REPO / 'trainer/assets/demo-facts/train.jsonl'}")
+    assert_one_line_error(result, str(model), fragment)
+    assert "weights_only=False`" not in result.stderr  # torch's advice to load it unrestricted is never passed on
+    assert not (tmp_path / "run").exists()
+    assert not Path("/tmp/trainer-test-pwned").exists()
