@@ -68,3 +68,24 @@ def test_refused_in_one_line_naming_the_file(case, tmp_path):
     assert "weights_only=False`" not in result.stderr  # torch's advice to load it unrestricted is never passed on
     assert not (tmp_path / "run").exists()
     assert not Path("/tmp/trainer-test-pwned").exists()
+
+
+def test_a_checkpoint_whose_dcp_metadata_names_code_is_refused_in_one_line(tmp_path):
+    """The same size as the real `.metadata` (sizes are checked at resume) and checksums off, so the unpickler is
+    what meets it."""
+    run_dir = tmp_path / "run"
+    common = (f"run.dir={run_dir}", "train.micro_batch_size=4", "train.global_batch_size=8", "eval.max_batches=1",
+              "eval.generate_samples=0", "logger.progress=false", "logger.plot=false", "checkpoint.every_n_steps=1",
+              "checkpoint.checksum=false")
+    first = run_cli("train", *common, "train.max_steps=1", env={"OMP_NUM_THREADS": "1"})
+    assert first.returncode == 0, first.stderr[-3000:]
+    metadata = run_dir / "checkpoints" / "step-000001" / "state" / ".metadata"
+    evil = pickle.dumps(_Evil())
+    assert len(evil) <= metadata.stat().st_size
+    metadata.write_bytes(evil + b"\0" * (metadata.stat().st_size - len(evil)))
+    result = run_cli("train", *common, "train.max_steps=2", env={"OMP_NUM_THREADS": "1"})
+    # The run had started (its info lines come first): the refusal is the last line, exit 2, no traceback.
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("trainer: ") and str(metadata) in last and "refusing to unpickle posix.system" in last
+    assert not Path("/tmp/trainer-test-pwned").exists()
