@@ -237,11 +237,13 @@ class CheckpointManager:
         except Exception as err:
             from trainer.disk_space import DiskFull, free_bytes, is_out_of_space
 
-            if not is_out_of_space(err):
+            # torch's zip writer reports a full disk as "unexpected pos", so a failed save with the disk now
+            # (partial files included) too full for it counts as one too.
+            free = free_bytes(os.path.dirname(directory), real=True)
+            if not (is_out_of_space(err) or free < needed):
                 raise
             shutil.rmtree(directory, ignore_errors=True)  # never committed: nothing of it could ever load
-            raise DiskFull(os.path.dirname(directory), free_bytes(os.path.dirname(directory), real=True), needed,
-                           during=True) from None
+            raise DiskFull(os.path.dirname(directory), free, needed, during=True) from None
         self._last_save = time.monotonic()
         self._timing = (started, time.perf_counter() - started)
         if future is None:

@@ -88,7 +88,12 @@ def _check_pickle_holds_tensors(path: str) -> None:
     import torch
 
     try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            torch.load(path, map_location="cpu", weights_only=True)  # torch's legacy format cannot be mapped
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
         detail = " ".join(str(err).split())
         reason = "it names code to run, not only tensors" if "global" in detail.lower() else "it is not a readable " \

@@ -16,6 +16,9 @@ def one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
 
 def non_negative(value: float, key: str, what: str = "a count", zero: str = "disables") -> None:
     """`zero` says what 0 means for this key, so the message never contradicts the key's own meaning of 0."""
+    import math
+
+    require(math.isfinite(value), key, f"must be a finite number, got {value}")
     require(value >= 0, key, f"must be >= 0 ({what}; 0 {zero}), got {value}")
 
 
