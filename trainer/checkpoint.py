@@ -234,8 +234,11 @@ class CheckpointManager:
             if self.strategy.is_main:
                 write_json_atomically(os.path.join(directory, STATE_FILE), self._trainer_state(recipe))
                 self._write_run_config(directory)
-        except Exception as err:
+        except BaseException as err:  # DCP's CheckpointException derives from BaseException
             from trainer.disk_space import DiskFull, free_bytes, is_out_of_space
+
+            if isinstance(err, (KeyboardInterrupt, SystemExit)):
+                raise
 
             # torch's zip writer reports a full disk as "unexpected pos", so a failed save with the disk now
             # (partial files included) too full for it counts as one too.

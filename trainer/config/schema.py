@@ -320,7 +320,7 @@ class OptimConfig:
         one_of(self.name, OPTIMIZERS, "name")
         require(self.lr is None or self.lr > 0, "lr",
                  f"must be > 0 (or null: the PEFT method's default), got {self.lr}")
-        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        non_negative(self.weight_decay, "weight_decay", "a decay factor", zero="turns it off")
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
         one_of(self.scheduler, SCHEDULERS, "scheduler")
         require(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
