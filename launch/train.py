@@ -141,6 +141,9 @@ def _remove_if_empty(path: str) -> None:
 
 
 def main(argv: list[str]) -> int:
+    from launch.config_file import expand_config_files
+
+    argv = expand_config_files(argv)  # `trainer train my.yaml ...`: the file's overrides in its place
     if _wants_job_config(argv):
         return print_job_config(argv)
     import hydra
