@@ -86,6 +86,10 @@ def test_lora_trains_every_family_through_the_cli_with_its_chat_template(family,
     adapter = json.loads((run_dir / "final" / "adapter_config.json").read_text())
     assert set(adapter["target_modules"]) == FAMILY_LINEARS[family]
     assert "template the tokenizer's own chat template" in result.stdout + result.stderr
+    if family == "mixtral":  # the router's load-balancing loss trains with it, logged apart
+        logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        train_steps = [m for m in logged if "loss" in m]
+        assert train_steps and all(0 < m["router_aux_loss"] < 1 for m in train_steps)
     _merged_export_equals_the_adapter_on_its_base(replicas[family], run_dir, tmp_path / "merged")
     # The family's own turn format is what the model was trained on.
     check = run_cli("data", "check", f"model.path={replicas[family]}", "train.micro_batch_size=1",
