@@ -98,8 +98,14 @@ class Recipe:
         build = partial(build_model, self.config.model, self.config.peft, self.config.train.precision,
                         freeze=self.config.optim.freeze)
         model, optimizer = self.strategy.setup(build, lambda m: build_optimizer(m, self.config.optim))
+        # from_pretrained hands the model back in eval mode, where dropout, transformers' gradient checkpointing and
+        # the MoE routers' outputs for the load-balancing loss are all switched off. Evaluation restores this mode.
+        model.train()
         self.logger.info(str(parameter_report(self.strategy.unwrap(model))))
         self.freezing = build_freezing_schedule(self.strategy.unwrap(model), self.config.optim.freeze, self.logger.info)
+        from trainer.moe import build_router_loss
+
+        self.router_loss = build_router_loss(self.strategy.unwrap(model))  # MoE: the load-balancing loss, else None
         return model, optimizer, build_scheduler(optimizer, self.config.optim, self.total_steps)
 
     # ----------------------------------------------------------------------------------------- training
@@ -190,6 +196,9 @@ class Recipe:
         micro_batches = local_microbatches(global_indices, strategy.rank, strategy.world_size,
                                            cfg.train.micro_batch_size)
         loss_sum = torch.zeros((), device=strategy.device)
+        router_sum = torch.zeros((), device=strategy.device)
+        # The router loss is a mean per micro batch: averaged over every micro batch of the step, on all ranks.
+        router_share = 1.0 / (len(micro_batches) * strategy.world_size)
         num_tokens = 0
         for index, micro in enumerate(micro_batches):
             batch_rows = [self.data.train[i] for i in micro]
@@ -199,8 +208,11 @@ class Recipe:
                 with strategy.autocast():
                     logits = self.model(**batch.inputs).logits
                 micro_loss_sum = token_loss_sum(logits, batch.labels)
-                strategy.backward(micro_loss_sum / num_label_tokens * strategy.loss_multiplier)
+                router = self.router_loss.pop(batch.token_mask) if self.router_loss else 0.0
+                micro_loss = micro_loss_sum / num_label_tokens + router * router_share
+                strategy.backward(micro_loss * strategy.loss_multiplier)
             loss_sum += micro_loss_sum.detach()
+            router_sum += router.detach() if torch.is_tensor(router) else router
         grad_norm, applied = strategy.step(self.model, self.optimizer, cfg.optim.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
@@ -211,6 +223,8 @@ class Recipe:
         metrics = {"num_tokens": global_tokens, "lr": lr}
         # Reduced every step, not only on logged ones: the non-finite policy needs every rank to agree on it.
         loss = strategy.all_reduce_sum(float(loss_sum)) / num_label_tokens
+        if self.router_loss:  # logged apart from the language-model loss, which stays comparable with eval loss
+            metrics["router_aux_loss"] = strategy.all_reduce_sum(float(router_sum)) * router_share
         # fp16's loss scaler skips overflowing steps by design; elsewhere an unapplied step means NaN/inf gradients.
         nonfinite = "loss" if not math.isfinite(loss) else (
             "gradient norm" if not applied and cfg.train.precision != "fp16" else None)

@@ -71,6 +71,18 @@ def test_same_seed_gives_the_same_losses_and_another_seed_does_not(tmp_path):
     assert a != c
 
 
+def test_the_model_trains_in_training_mode_so_dropout_acts(tmp_path):
+    # from_pretrained returns a model in eval mode; trained in it, LoRA's dropout (and transformers' gradient
+    # checkpointing) would silently do nothing. The adapter starts at zero, so the first losses agree and the
+    # dropout shows from the second step on.
+    lora = ("peft=lora", "seed=3", "train.max_steps=3", "eval.generate_samples=0")
+    _train(tmp_path / "none", *lora, "peft.dropout=0")
+    _train(tmp_path / "half", *lora, "peft.dropout=0.5")
+    without, with_dropout = train_losses(tmp_path / "none"), train_losses(tmp_path / "half")
+    assert without[1] == with_dropout[1]
+    assert without[3] != pytest.approx(with_dropout[3], rel=1e-4)
+
+
 def test_early_stopping_stops_when_eval_loss_stops_improving(run_dir):
     # A learning rate of zero cannot improve the eval loss, so patience 2 ends the run at the second eval.
     _train(run_dir, "optim.lr=1e-12", "train.max_steps=20", "eval.every_n_steps=2", "eval.early_stopping_patience=2",
