@@ -7,6 +7,12 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# llama-cpp-python (the gguf-test extra) ships only as an sdist that compiles llama.cpp: its wheel is built once
+# into this cache, outside the clone, and every later install takes it from there. Portable (no -march=native)
+# and without the multimodal library, which the tests do not use.
+WHEEL_CACHE ?= $(HOME)/.cache/trainer-wheels
+LLAMA_CPP_SPEC := llama-cpp-python==0.3.36
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 DEMO_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: install demo test test-fast lint bench tiny-base clean
@@ -18,7 +24,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# Torch first, so that the range in pyproject is satisfied by this build rather than a newer download.
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[all]"
+	mkdir -p $(WHEEL_CACHE)
+	ls $(WHEEL_CACHE)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" \
+		$(PY) -m pip wheel -q --no-deps -w $(WHEEL_CACHE) "$(LLAMA_CPP_SPEC)"
+	$(PY) -m pip install -q --find-links $(WHEEL_CACHE) -e ".[all]"
 	touch $(STAMP)
 
 demo: install
