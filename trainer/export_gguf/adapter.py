@@ -43,7 +43,11 @@ def _check_exportable(config: dict, tensors: dict) -> None:
     if config.get("use_dora"):
         raise UserError("DoRA adapters have no GGUF form (llama.cpp applies B @ A only, not DoRA's magnitude "
                         "rescaling): merge it (--to merged) and export the model (--to gguf-model)")
-    if config.get("rank_pattern") or config.get("alpha_pattern"):
+    if config.get("target_parameters"):
+        raise UserError(f"the adapter trains parameters directly (target_parameters {config['target_parameters']}, "
+                        "e.g. fused MoE experts), which a GGUF LoRA adapter cannot carry: merge it (--to merged) and "
+                        "export the model (--to gguf-model)")
+    if _patterns_in_use(config, tensors):
         raise UserError("per-module ranks or alphas (rank_pattern/alpha_pattern) cannot be written: a GGUF adapter "
                         "has one alpha for every tensor")
     others = sorted(name for name in tensors if ".lora_A." not in name and ".lora_B." not in name)
@@ -51,6 +55,17 @@ def _check_exportable(config: dict, tensors: dict) -> None:
         raise UserError(f"the adapter also trains {others[0]} ({len(others)} tensor(s) beside LoRA's A and B: "
                         "biases or modules_to_save), which a GGUF LoRA adapter cannot carry: merge it (--to merged) "
                         "and export the model (--to gguf-model)")
+
+
+def _patterns_in_use(config: dict, tensors: dict) -> list[str]:
+    """rank_pattern / alpha_pattern keys that match a module the adapter holds. PEFT writes patterns for modules it
+    did not wrap too (for Mixtral: `.*\\.gate_up_proj`, the fused experts, while all-linear trains attention only);
+    those change nothing and are no reason to refuse."""
+    import re
+
+    modules = {name.removeprefix(_PEFT_PREFIX).split(".lora_")[0] for name in tensors}
+    patterns = [*(config.get("rank_pattern") or {}), *(config.get("alpha_pattern") or {})]
+    return [p for p in patterns if any(re.fullmatch(f"(.*\\.)?{p}", module) for module in modules)]
 
 
 def effective_alpha(config: dict) -> float:
