@@ -30,6 +30,8 @@ commands:
   sweep summary DIR     a CSV + Markdown table of a sweep's points (overrides, status, metrics; best marked)
   export RUN_DIR|CHECKPOINT --to hf|adapter|merged --out DIR
                         a checkpoint (any strategy or world size) as a Hugging Face model, PEFT adapter or merged model
+  export RUN_DIR|CHECKPOINT --to gguf|gguf-model --out FILE.gguf [--gguf-dtype f16|q8_0|f32]
+                        for llama.cpp: a LoRA adapter (--lora FILE) or the (merged) model as one GGUF file
   generate SOURCE [PROMPT ...] [--adapter NAME=PATH ...] [--prompts FILE]
                         greedy answers from a model or run, switching between several adapters on one base
 
