@@ -420,7 +420,7 @@ def save_final_model(strategy, model, tokenizer, final_dir: str) -> None:
     whole model); PEFT runs save only the adapter, in PEFT's own format, loadable on the base model.
     """
     from trainer.adapters import is_peft_model
-    from trainer.weights import ShardedSafetensorsWriter
+    from trainer.weights import ShardedSafetensorsWriter, apply_umask
 
     inner = strategy.unwrap(model)
     tmp = f"{final_dir}.tmp"
@@ -444,6 +444,7 @@ def save_final_model(strategy, model, tokenizer, final_dir: str) -> None:
                 inner.generation_config.save_pretrained(tmp)
     if strategy.is_main:
         tokenizer.save_pretrained(tmp)
+        apply_umask(tmp)
         old = f"{final_dir}.old"
         if os.path.exists(final_dir):
             shutil.rmtree(old, ignore_errors=True)

@@ -35,20 +35,23 @@ def _format_duration(seconds: float) -> str:
 
 class ProgressLine:
     """`step 12/200 [6%] eta 01:40 loss 2.314 lr 1.9e-04 1,234 tok/s` on stderr; a new line per update when
-    stderr is not a terminal (log files, Slurm), rewritten in place when it is."""
+    stderr is not a terminal (log files, Slurm), rewritten in place when it is.
+
+    The ETA is the mean time per step so far (from the steps' own `step_seconds`, so step 1 already has one, and
+    evaluation or checkpoint pauses between updates count too) times the steps left."""
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
-        self.start = time.monotonic()
-        self.first_step: int | None = None
+        self.first: tuple[int, float] | None = None  # (step, time) of the first update
 
     def update(self, step: int, total: int, metrics: dict) -> None:
         now = time.monotonic()
-        if self.first_step is None:
-            self.first_step, self.start = step - 1, now - 1e-9
-        done = step - self.first_step
-        eta = (now - self.start) / max(done, 1) * (total - step)
+        if self.first is None:
+            self.first = (step, now)
+        done, elapsed = step - self.first[0], now - self.first[1]
+        per_step = elapsed / done if done else metrics.get("step_seconds", math.nan)
+        eta = per_step * (total - step)
         parts = [f"step {step}/{total} [{100 * step // max(total, 1)}%]", f"eta {_format_duration(eta)}"]
         if "loss" in metrics:
             parts.append(f"loss {metrics['loss']:.4f}")
@@ -70,7 +73,8 @@ class JsonlWriter:
         self.fh = open(path, "a", buffering=1)
 
     def write(self, record: dict) -> None:
-        self.fh.write(json.dumps(record, sort_keys=False) + "\n")
+        # Wall-clock time (Unix seconds) of each record: lines up a run's steps with cluster logs and other runs.
+        self.fh.write(json.dumps({**record, "time": round(time.time(), 3)}, sort_keys=False) + "\n")
 
     def close(self) -> None:
         self.fh.close()

@@ -129,7 +129,8 @@ class Recipe:
             started = time.perf_counter()
             self.freezing.on_step(self.state.step)  # gradual unfreezing (a no-op unless configured)
             metrics = self.train_step()
-            metrics["tokens_per_second"] = throughput.update(metrics.pop("num_tokens"), time.perf_counter() - started)
+            metrics["step_seconds"] = time.perf_counter() - started
+            metrics["tokens_per_second"] = throughput.update(metrics.pop("num_tokens"), metrics["step_seconds"])
             self.state_bytes = self.state_bytes or self.strategy.local_state_bytes(self.model, self.optimizer)
             step = self.state.step
             if self._every(cfg.logger.every_n_steps, step) or "nonfinite" in metrics:
@@ -357,7 +358,7 @@ def run_training(config: Config, on_exit_code=None) -> int:
     `on_exit_code(code, message)` runs on every rank before any rank exits with a non-zero code (the worker records
     why there, while torchrun, which tears the job down at the first non-zero exit, still lets it)."""
     from trainer.errors import EXIT_REQUEUE
-    from trainer.metrics import plot_loss_curve
+    from trainer.plots import plot_loss_curve
 
     started = time.time()
     recipe = Recipe(config)
@@ -368,7 +369,7 @@ def run_training(config: Config, on_exit_code=None) -> int:
             write_summary(config.run.dir, summary)
             if config.logger.plot:
                 plot_loss_curve(os.path.join(config.run.dir, "metrics.jsonl"),
-                                os.path.join(config.run.dir, "loss_curve.png"))
+                                os.path.join(config.run.dir, "loss_curve.png"), title=config.run.name)
             _print_result(recipe, summary)
         # A preempted run checkpointed and asks to be requeued; resume=auto continues it from that checkpoint.
         code = {"preempted": EXIT_REQUEUE, "stopped_nonfinite": EXIT_STOPPED_NONFINITE}.get(summary["status"], 0)
@@ -388,6 +389,13 @@ def _stop_message(recipe: Recipe, summary: dict) -> str:
             f"committed checkpoint in {recipe.run_dir}/checkpoints is intact (what to do next: docs/checkpoints.md)")
 
 
+def _figure(value) -> str:
+    """A metric for the end-of-run table: 4 decimals, thousands separated, large values in 4 significant digits."""
+    if not isinstance(value, (int, float)):
+        return "-"
+    return f"{value:,.4f}" if abs(value) < 1e6 else f"{value:.4g}"
+
+
 def _print_result(recipe: Recipe, summary: dict) -> None:
     if summary["status"] in ("preempted", "stopped_nonfinite"):
         print(f"run {_stop_message(recipe, summary)}", flush=True)
@@ -397,9 +405,10 @@ def _print_result(recipe: Recipe, summary: dict) -> None:
              f"train loss {summary['train_loss_first']:.4f} -> {summary['train_loss_last']:.4f}"]
     if before or after:
         keys = sorted(set(before) | set(after))
+        cells = [(key, _figure(before.get(key)), _figure(after.get(key))) for key in keys]
         width = max(len("metric"), *map(len, keys)) + 2
-        lines.append(f"{'metric':<{width}}{'before':>10}{'after':>10}")
-        for key in keys:
-            lines.append(f"{key:<{width}}{before.get(key, float('nan')):>10.4f}{after.get(key, float('nan')):>10.4f}")
+        column = max(len("before"), *(max(len(b), len(a)) for _, b, a in cells)) + 2  # never run figures together
+        lines.append(f"{'metric':<{width}}{'before':>{column}}{'after':>{column}}")
+        lines += [f"{key:<{width}}{b:>{column}}{a:>{column}}" for key, b, a in cells]
     lines.append(f"run dir: {recipe.run_dir}  (summary.json, metrics.jsonl, loss_curve.png, final/)")
     print("\n".join(lines), flush=True)
