@@ -86,7 +86,7 @@ class RunLogger:
         self.progress_line = ProgressLine() if cfg.progress else None
         self.jsonl = JsonlWriter(os.path.join(run_dir, "metrics.jsonl"))
         self.wandb_run = _start_wandb(cfg, run_dir, run_name, config_dict)
-        self.tensorboard = _start_tensorboard(run_dir) if cfg.tensorboard else None
+        self.tensorboard = _start_tensorboard(run_dir, config_dict) if cfg.tensorboard else None
 
     def log_train(self, step: int, metrics: dict) -> None:
         self.jsonl.write({"step": step, **metrics})
@@ -146,10 +146,27 @@ def _new_wandb_id() -> str:
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
-def _start_tensorboard(run_dir: str) -> Any:
+def _start_tensorboard(run_dir: str, config_dict: dict) -> Any:
+    """A writer under RUN/tensorboard, with the run's config (as frozen, secrets redacted) in its Text tab and its
+    hyperparameters in the HParams tab, so runs compared in TensorBoard say how they differ."""
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(os.path.join(run_dir, "tensorboard"))
+    writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+    writer.add_text("config", "```\n" + json.dumps(config_dict, indent=2, default=str) + "\n```", 0)
+    scalars = {key: value for key, value in _flatten(config_dict).items()
+               if isinstance(value, (int, float, str, bool)) and not isinstance(value, dict)}
+    writer.add_hparams(scalars, {}, run_name=".")
+    return writer
+
+
+def _flatten(node: dict, prefix: str = "") -> dict:
+    flat: dict = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def build_logger(cfg: LoggerConfig, run_dir: str, run_name: str, config_dict: dict, is_main: bool):

@@ -28,6 +28,7 @@ def preflight(config: Config) -> None:
     check_attention_available(config.model)
     if config.peft.name != "none":
         check_peft_modules(config.model, config.peft)
+        check_initial_adapter(config.peft)
 
 
 def check_model_files(cfg: ModelConfig) -> None:
@@ -75,6 +76,28 @@ def check_peft_modules(model_cfg: ModelConfig, peft_cfg) -> None:
         if not isinstance(targets, str):
             _require_present(resolved, names, "peft.target_modules", model)
     _require_present(saved, names, "peft.modules_to_save", model)
+
+
+def check_initial_adapter(peft_cfg) -> None:
+    """peft.init_from names an adapter of the configured method and rank (its tensors' shapes follow from them)."""
+    path = getattr(peft_cfg, "init_from", None)
+    if not path:
+        return
+    from trainer.adapters import initial_adapter_dir, read_adapter_config
+
+    if not os.path.isdir(path):
+        raise ConfigError("peft.init_from", f"{path!r} is not a dir (give an adapter dir, or a run dir with final/)")
+    adapter = read_adapter_config(initial_adapter_dir(path))
+    if str(adapter.get("peft_type", "")).upper() != "LORA":
+        raise ConfigError("peft.init_from", f"{path!r} holds a {adapter.get('peft_type')} adapter; peft.init_from "
+                          "continues a LoRA/DoRA/QLoRA adapter")
+    if adapter.get("r") != peft_cfg.r:
+        raise ConfigError("peft.r", f"is {peft_cfg.r}, but the adapter in peft.init_from has r={adapter.get('r')}: "
+                          f"set peft.r={adapter.get('r')}")
+    if bool(adapter.get("use_dora")) != (peft_cfg.name == "dora"):
+        method = "dora" if adapter.get("use_dora") else "lora or qlora"
+        raise ConfigError("peft", f"{peft_cfg.name} cannot continue the adapter in peft.init_from, which is "
+                          f"{method}: use peft={method.split()[0]}")
 
 
 def _require_present(wanted: list[str], names: list[str], key: str, model) -> None:

@@ -140,11 +140,14 @@ class Recipe:
                 status = "stopped_nonfinite"  # before any save: the last committed checkpoint stays the newest
                 break
             checkpoints.poll()  # commit a finished background save
-            if self._every(cfg.eval.every_n_steps, step) and step < self.total_steps:
+            # Every epoch has exactly steps_per_epoch steps (the incomplete tail is reshuffled into the next one).
+            epoch_ended = step % max(1, self.sampler.steps_per_epoch) == 0
+            if (self._every(cfg.eval.every_n_steps, step) or (epoch_ended and cfg.eval.every_epoch)) \
+                    and step < self.total_steps:
                 if self._early_stop(self.evaluate(step)):
                     status = "early_stopped"
                     break
-            saved = checkpoints.due(step) and checkpoints.save(self)
+            saved = checkpoints.due(step, epoch_ended) and checkpoints.save(self)
             if preemption.should_stop(self.strategy):
                 self.logger.info(f"{preemption.signal_name or 'a peer rank signalled'}: stopping at step {step}")
                 if not saved:
@@ -233,8 +236,11 @@ class Recipe:
             metrics["nonfinite"] = nonfinite
         if self._every(cfg.logger.every_n_steps, self.state.step) or self.state.step in (1, self.total_steps) \
                 or nonfinite:
+            from trainer.metrics import peak_memory_bytes
+
             metrics.update(loss=loss, grad_norm=grad_norm, label_tokens=num_label_tokens,
-                           epoch=self.sampler.state.epoch)
+                           epoch=self.sampler.state.epoch,
+                           peak_memory_gib=round(peak_memory_bytes(strategy.device) / 2**30, 3))
         if math.isfinite(loss):
             self.state.first_loss = loss if self.state.first_loss is None else self.state.first_loss
             self.state.last_loss = loss

@@ -68,3 +68,23 @@ def test_written_weights_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (os.stat(tmp_path / "model.safetensors").st_mode & 0o777) == 0o644
+
+
+def test_tensorboard_gets_the_scalars_the_config_and_the_hyperparameters(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from trainer.config.schema import LoggerConfig
+    from trainer.log import RunLogger
+
+    cfg = LoggerConfig(progress=False, tensorboard=True)
+    logger = RunLogger(cfg, str(tmp_path), "my-run", {"optim": {"lr": 2e-4}, "peft": {"name": "lora"}})
+    logger.log_train(1, {"loss": 2.5, "lr": 2e-4})
+    logger.log_eval(1, {"loss": 2.4})
+    logger.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0}).Reload()
+    tags = events.Tags()
+    assert {"train/loss", "eval/loss"} <= set(tags["scalars"])
+    assert any(tag.startswith("config") for tag in tags["tensors"])  # the config's text
+    assert events.Scalars("train/loss")[0].value == 2.5
+    hparams = EventAccumulator(str(tmp_path / "tensorboard")).Reload().PluginTagToContent("hparams")
+    assert hparams  # the HParams tab lists this run's optim.lr and peft.name
