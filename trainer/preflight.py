@@ -21,10 +21,13 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 ATTENTION_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
 
 
-def preflight(config: Config) -> None:
-    """Every check below for the model and PEFT sections of a validated config."""
-    check_model_files(config.model)
-    check_tokenizer_files(config.model)
+def preflight(config: Config, files: bool = True) -> None:
+    """Every check below for the model and PEFT sections of a validated config. `files=False` leaves out whether
+    the weights and tokenizer are there (for `--cfg job` and a Slurm dry run, which print what would run: the
+    files may be copied in before the job starts); the architecture's config.json is still read."""
+    if files:
+        check_model_files(config.model)
+        check_tokenizer_files(config.model)
     check_attention_available(config.model)
     if config.peft.name != "none":
         check_peft_modules(config.model, config.peft)
