@@ -7,9 +7,18 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+TEST_STAMP := $(VENV)/.test-installed
+# llama-cpp-python (the gguf-test extra, for the tests only: llama.cpp judges our GGUF files) ships only as an sdist
+# that compiles llama.cpp (about 10 minutes on 2 idle cores): its wheel is built once into this cache, outside the
+# clone, and later installs take it from there. Portable (no -march=native), without the multimodal library.
+WHEEL_CACHE ?= $(HOME)/.cache/trainer-wheels
+LLAMA_CPP_SPEC := llama-cpp-python==0.3.36
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
+# Two workers: a test mostly waits on a subprocess (imports, ranks, Slurm); the Slurm tests stay on one of them.
+PYTEST_WORKERS ?= 2
 DEMO_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install demo test test-fast lint bench tiny-base clean
+.PHONY: install install-test demo test test-fast lint bench tiny-base clean
 
 install: $(STAMP)
 
@@ -21,14 +30,23 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[all]"
 	touch $(STAMP)
 
+install-test: $(TEST_STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	mkdir -p $(WHEEL_CACHE)
+	ls $(WHEEL_CACHE)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" \
+		$(PY) -m pip wheel -q --no-deps -w $(WHEEL_CACHE) "$(LLAMA_CPP_SPEC)"
+	$(PY) -m pip install -q --find-links $(WHEEL_CACHE) -e ".[all,gguf-test]"
+	touch $(TEST_STAMP)
+
 demo: install
 	$(VENV)/bin/trainer train run.dir=$(DEMO_DIR)
 	@echo "demo results: $(DEMO_DIR)/summary.json, $(DEMO_DIR)/loss_curve.png, $(DEMO_DIR)/final/"
 
-test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+test: install-test
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
-test-fast: install
+test-fast: install-test
 	$(PY) -m pytest -q -m "not slow and not slurm and not distributed" $(PYTEST_ARGS)
 
 lint: install

@@ -147,10 +147,16 @@ def compose_train_config(overrides: list[str]):
     """The raw composed `train` config for OVERRIDES (Hydra's compose API: no run dir, no job), errors as one line."""
     from hydra import compose, initialize_config_dir
 
+    from launch.config_file import expand_config_files, split_config_location
+
     setup_hydra()
+    overrides, config_dir, config_name = split_config_location(expand_config_files(overrides))
+    own = [f"hydra.searchpath=[file://{config_dir}]"] if config_dir else []
+    if not (config_dir or config_name):
+        overrides = with_demo_default(overrides)  # a user's own primary config decides for itself
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return compose(config_name="train", overrides=with_demo_default(overrides))
+            return compose(config_name=config_name or "train", overrides=own + overrides)
     except Exception as err:  # Hydra's composition errors: word them as one line naming the key
         config_error = hydra_error_to_config_error(err)
         if config_error is None:

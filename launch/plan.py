@@ -22,7 +22,7 @@ from typing import Any
 from trainer.errors import ConfigError, UserError
 
 USAGE = """\
-usage: trainer plan [OVERRIDES] [--json]
+usage: trainer plan [my.yaml] [OVERRIDES] [--json] [-cd DIR] [-cn NAME]
 
 Per-GPU memory of the run `trainer train OVERRIDES` would start (weights, gradients, optimizer state, activations,
 margin), then every strategy x {full, LoRA, QLoRA} on the configured GPUs: GiB per GPU, whether it fits, the
@@ -30,6 +30,8 @@ smallest GPU count that fits, and a recommendation. Reads only the model's archi
 or model.arch of a conf/model entry); no weights or data needed.
 
   --json     print one JSON object instead of tables (total_params, trainable_params, bytes per GPU per strategy)
+  my.yaml    your own config file, composed over the defaults like the overrides (README: your own config file)
+  -cd DIR    add DIR to the config search path (your own experiment/, model/ ... options); -cn NAME: primary config
 
 e.g. trainer plan model=llama-3.1-70b hardware.gpu_memory_gb=80 launcher.nproc_per_node=8
      trainer plan experiment=llama-3.1-70b-lora-zero3-2x8 hardware.gpu_memory_gb=80 hardware.host_memory_gb=1024
@@ -295,10 +297,13 @@ def main(argv: list[str]) -> int:
         sys.stdout.write(USAGE)
         return 0
     as_json = "--json" in argv
+    from launch.config_file import split_config_location
+
     overrides = [arg for arg in argv if arg != "--json"]
-    unknown = [arg for arg in overrides if arg.startswith("-")]
+    unknown = [arg for arg in split_config_location(overrides)[0] if arg.startswith("-")]
     if unknown:
-        raise UserError(f"plan: unknown option {unknown[0]!r} (options: --json, --help; the rest are config overrides)")
+        raise UserError(f"plan: unknown option {unknown[0]!r} (options: --json, --config-dir/-cd DIR, "
+                        "--config-name/-cn NAME, --help; the rest are config overrides or a config file)")
     request = build_request(compose_sections(overrides))
     estimate, table = plan(request)
     if as_json:

@@ -189,10 +189,35 @@ def write_tables(sweep_dir: str, header: list[str], rows: list[list[str]], capti
     return csv_path, md_path, markdown
 
 
+def _summary_keys(summary: dict, prefix: str = "") -> list[str]:
+    """Every dotted key of summary.json that holds a number (eval_after.loss, tokens_per_second, ...)."""
+    keys = []
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            keys += _summary_keys(value, f"{prefix}{key}.")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def _check_objective(points: list[Point], objective: str) -> None:
+    """An objective no finished point has is a typo: refused before the tables are (over)written."""
+    finished = [p.summary for p in points if p.summary is not None]
+    if not finished or any(metric(summary, objective) is not None for summary in finished):
+        return
+    from trainer.config.suggest import suggest_option
+
+    known = sorted({key for summary in finished for key in _summary_keys(summary)})
+    close = suggest_option(objective, known)
+    hint = f"did you mean {close}?" if close else f"summary.json has {', '.join(known[:10])}"
+    raise UserError(f"sweep summary: --objective {objective!r} is in no point's summary.json; {hint}")
+
+
 def summarize(sweep_dir: str, objective: str | None = None, maximize: bool | None = None) -> tuple[str, str, str]:
     """Write the sweep's CSV and Markdown tables; returns their paths and the Markdown."""
     points = collect_points(sweep_dir)
     objective = objective or points[0].objective
+    _check_objective(points, objective)
     maximize = should_maximize(objective) if maximize is None else maximize
     header, rows = build_table(points, objective, maximize)
     done = sum(p.summary is not None for p in points)

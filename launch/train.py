@@ -31,7 +31,8 @@ def _task(cfg) -> int:
     _say_defaults(notes)
     _warn_if_demo_data_under_another_model(config)
     config = resolve_auto_strategy(config)  # strategy=auto -> a concrete strategy, frozen as such (else unchanged)
-    preflight(config)  # model files, attention kernels and PEFT module names: before a run dir or a worker exists
+    # Model files, attention kernels and PEFT module names: before a run dir or a worker exists.
+    preflight(config, files=not (config.launcher.name == "slurm" and config.launcher.dry_run))
     # Ours to remove on failure only if it held nothing before (Hydra may have just created it, empty).
     fresh = not os.path.isdir(config.run.dir) or not os.listdir(config.run.dir)
     try:
@@ -109,7 +110,7 @@ def print_job_config(argv: list[str]) -> int:
             overrides.append(arg)
     notes: list[str] = []
     config = resolve_auto_strategy(to_config(compose_train_config(overrides), notes))
-    preflight(config)
+    preflight(config, files=False)
     _say_defaults(notes, sys.stderr)  # stdout is the YAML
     sys.stdout.write(OmegaConf.to_yaml(OmegaConf.create(config_to_dict(config))))
     return 0
@@ -147,6 +148,9 @@ def _remove_if_empty(path: str) -> None:
 
 
 def main(argv: list[str]) -> int:
+    from launch.config_file import expand_config_files
+
+    argv = expand_config_files(argv)  # `trainer train my.yaml ...`: the file's overrides in its place
     if _wants_job_config(argv):
         return print_job_config(argv)
     import hydra

@@ -75,6 +75,22 @@ def worker_pids(run_dir: Path) -> list[int]:
     return [pid for _, pid in sorted(found)]
 
 
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs two pytest-xdist workers (most of a test's time is a subprocess importing torch or waiting
+    on ranks, which the other worker fills). Tests that share something costly stay together on one worker: the
+    Slurm tests (one dev cluster, a session fixture), and the tests of a module that share a module-scoped fixture
+    (reference runs, built replicas), which would otherwise be built once per worker. Every other test takes a free
+    port and its own tmp dir, and may run anywhere."""
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm-dev-cluster"))
+            continue
+        fixtures = getattr(item, "_fixtureinfo", None)
+        definitions = fixtures.name2fixturedefs.values() if fixtures is not None else []
+        if any(d.scope == "module" for defs in definitions for d in defs):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
 # A few quick steps of the embedded default, shared by the end-to-end tests.
 QUICK = ("train.max_steps=6", "train.micro_batch_size=4", "train.global_batch_size=8", "eval.max_batches=2",
          "eval.generate_samples=4", "eval.max_new_tokens=8", "logger.progress=false", "logger.plot=true")

@@ -123,7 +123,33 @@ def apply_peft(model, cfg):
     wrapped = get_peft_model(model, build_peft_config(cfg, model))
     if cfg.name in PROMPT_LEARNING:
         _use_prompt_learning_forward(wrapped)
+    if getattr(cfg, "init_from", None):
+        load_initial_adapter(wrapped, cfg.init_from)
     return wrapped
+
+
+def initial_adapter_dir(path: str) -> str:
+    """peft.init_from: an adapter dir, or a run dir whose final/ holds one."""
+    final = os.path.join(path, "final")
+    return final if os.path.isfile(os.path.join(final, "adapter_config.json")) else path
+
+
+def load_initial_adapter(model, path: str) -> None:
+    """Copy an existing adapter's weights into the freshly wrapped model (same method, rank and targets: checked
+    by trainer/preflight.py before anything loads). Every adapter tensor must find its place: a partial load would
+    train a half-fresh adapter while claiming to continue the old one."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    adapter_dir = initial_adapter_dir(path)
+    weights = os.path.join(adapter_dir, "adapter_model.safetensors")
+    if not os.path.isfile(weights):
+        raise ConfigError("peft.init_from", f"{adapter_dir!r} has no adapter_model.safetensors")
+    result = set_peft_model_state_dict(model, load_file(weights))
+    unexpected = list(getattr(result, "unexpected_keys", None) or [])
+    if unexpected:
+        raise ConfigError("peft.init_from", f"{len(unexpected)} of the adapter's tensors have no place in this "
+                          f"model (e.g. {unexpected[0]}): it was trained on another base or with other targets")
 
 
 def is_peft_model(model) -> bool:

@@ -201,10 +201,11 @@ class CheckpointManager:
         self._timing = (0.0, 0.0)  # (start, seconds training waited) of the save being committed
 
     # ------------------------------------------------------------------------------------------ saving
-    def due(self, step: int) -> bool:
-        """Whether to save after `step`: every_n_steps, or every_n_minutes by rank 0's clock (broadcast, so all
-        ranks agree even when their clocks or step times differ)."""
+    def due(self, step: int, epoch_ended: bool = False) -> bool:
+        """Whether to save after `step`: every_n_steps, at an epoch's end (every_epoch), or every_n_minutes by rank
+        0's clock (broadcast, so all ranks agree even when their clocks or step times differ)."""
         by_steps = self.cfg.every_n_steps > 0 and step % self.cfg.every_n_steps == 0
+        by_steps = by_steps or (epoch_ended and getattr(self.cfg, "every_epoch", False))
         minutes = getattr(self.cfg, "every_n_minutes", 0)
         if minutes <= 0:
             return by_steps
@@ -451,7 +452,7 @@ def save_final_model(strategy, model, tokenizer, final_dir: str) -> None:
     whole model); PEFT runs save only the adapter, in PEFT's own format, loadable on the base model.
     """
     from trainer.adapters import is_peft_model
-    from trainer.weights import ShardedSafetensorsWriter
+    from trainer.weights import ShardedSafetensorsWriter, apply_umask
 
     inner = strategy.unwrap(model)
     tmp = f"{final_dir}.tmp"
@@ -475,6 +476,7 @@ def save_final_model(strategy, model, tokenizer, final_dir: str) -> None:
                 inner.generation_config.save_pretrained(tmp)
     if strategy.is_main:
         tokenizer.save_pretrained(tmp)
+        apply_umask(tmp)
         old = f"{final_dir}.old"
         if os.path.exists(final_dir):
             shutil.rmtree(old, ignore_errors=True)

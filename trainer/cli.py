@@ -21,6 +21,7 @@ commands:
                              trainer train --cfg job           (print the composed config)
                              trainer train -m optim.lr=1e-4,2e-4  (a sweep: one run dir per point)
                              trainer train launcher=slurm launcher.nodes=2  (submit to Slurm; docs/slurm.md)
+                             trainer train my.yaml optim.lr=1e-4  (your own config file, then overrides)
   data check [OVERRIDES]
                         load, validate and tokenise the data a run would use; print counts, lengths, packing
   plan [OVERRIDES] [--json]
@@ -29,6 +30,8 @@ commands:
   sweep summary DIR     a CSV + Markdown table of a sweep's points (overrides, status, metrics; best marked)
   export RUN_DIR|CHECKPOINT --to hf|adapter|merged --out DIR
                         a checkpoint (any strategy or world size) as a Hugging Face model, PEFT adapter or merged model
+  export RUN_DIR|CHECKPOINT --to gguf|gguf-model --out FILE.gguf [--gguf-dtype f16|q8_0|f32]
+                        for llama.cpp: a LoRA adapter (--lora FILE) or the (merged) model as one GGUF file
   generate SOURCE [PROMPT ...] [--adapter NAME=PATH ...] [--prompts FILE]
                         greedy answers from a model or run, switching between several adapters on one base
 

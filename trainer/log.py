@@ -35,20 +35,23 @@ def _format_duration(seconds: float) -> str:
 
 class ProgressLine:
     """`step 12/200 [6%] eta 01:40 loss 2.314 lr 1.9e-04 1,234 tok/s` on stderr; a new line per update when
-    stderr is not a terminal (log files, Slurm), rewritten in place when it is."""
+    stderr is not a terminal (log files, Slurm), rewritten in place when it is.
+
+    The ETA is the mean time per step so far (from the steps' own `step_seconds`, so step 1 already has one, and
+    evaluation or checkpoint pauses between updates count too) times the steps left."""
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
-        self.start = time.monotonic()
-        self.first_step: int | None = None
+        self.first: tuple[int, float] | None = None  # (step, time) of the first update
 
     def update(self, step: int, total: int, metrics: dict) -> None:
         now = time.monotonic()
-        if self.first_step is None:
-            self.first_step, self.start = step - 1, now - 1e-9
-        done = step - self.first_step
-        eta = (now - self.start) / max(done, 1) * (total - step)
+        if self.first is None:
+            self.first = (step, now)
+        done, elapsed = step - self.first[0], now - self.first[1]
+        per_step = elapsed / done if done else metrics.get("step_seconds", math.nan)
+        eta = per_step * (total - step)
         parts = [f"step {step}/{total} [{100 * step // max(total, 1)}%]", f"eta {_format_duration(eta)}"]
         if "loss" in metrics:
             parts.append(f"loss {metrics['loss']:.4f}")
@@ -70,7 +73,8 @@ class JsonlWriter:
         self.fh = open(path, "a", buffering=1)
 
     def write(self, record: dict) -> None:
-        self.fh.write(json.dumps(record, sort_keys=False) + "\n")
+        # Wall-clock time (Unix seconds) of each record: lines up a run's steps with cluster logs and other runs.
+        self.fh.write(json.dumps({**record, "time": round(time.time(), 3)}, sort_keys=False) + "\n")
 
     def close(self) -> None:
         self.fh.close()
@@ -82,7 +86,7 @@ class RunLogger:
         self.progress_line = ProgressLine() if cfg.progress else None
         self.jsonl = JsonlWriter(os.path.join(run_dir, "metrics.jsonl"))
         self.wandb_run = _start_wandb(cfg, run_dir, run_name, config_dict)
-        self.tensorboard = _start_tensorboard(run_dir) if cfg.tensorboard else None
+        self.tensorboard = _start_tensorboard(run_dir, config_dict) if cfg.tensorboard else None
 
     def log_train(self, step: int, metrics: dict) -> None:
         self.jsonl.write({"step": step, **metrics})
@@ -147,10 +151,27 @@ def _new_wandb_id() -> str:
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
-def _start_tensorboard(run_dir: str) -> Any:
+def _start_tensorboard(run_dir: str, config_dict: dict) -> Any:
+    """A writer under RUN/tensorboard, with the run's config (as frozen, secrets redacted) in its Text tab and its
+    hyperparameters in the HParams tab, so runs compared in TensorBoard say how they differ."""
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(os.path.join(run_dir, "tensorboard"))
+    writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+    writer.add_text("config", "```\n" + json.dumps(config_dict, indent=2, default=str) + "\n```", 0)
+    scalars = {key: value for key, value in _flatten(config_dict).items()
+               if isinstance(value, (int, float, str, bool)) and not isinstance(value, dict)}
+    writer.add_hparams(scalars, {}, run_name=".")
+    return writer
+
+
+def _flatten(node: dict, prefix: str = "") -> dict:
+    flat: dict = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def build_logger(cfg: LoggerConfig, run_dir: str, run_name: str, config_dict: dict, is_main: bool):

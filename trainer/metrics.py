@@ -1,9 +1,6 @@
-"""Throughput, peak memory and the loss-curve plot."""
+"""Throughput and peak memory (the loss-curve plot is trainer/plots.py)."""
 
 from __future__ import annotations
-
-import json
-import os
 
 
 class Throughput:
@@ -36,39 +33,3 @@ def peak_memory_bytes(device) -> int:
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
-
-
-def plot_loss_curve(metrics_path: str, out_path: str) -> str | None:
-    """Train loss per step and eval loss per evaluation, from metrics.jsonl; None if nothing to draw."""
-    if not os.path.exists(metrics_path):
-        return None
-    train, evals = [], []
-    with open(metrics_path) as fh:
-        for line in fh:
-            record = json.loads(line)
-            if "loss" in record:
-                train.append((record["step"], record["loss"]))
-            if "eval_loss" in record:
-                evals.append((record["step"], record["eval_loss"]))
-    if not train and not evals:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train loss", linewidth=1)
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = out_path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out_path)
-    return out_path

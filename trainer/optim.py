@@ -65,7 +65,7 @@ def build_optimizer(model, cfg: OptimConfig):
 
 def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:
     """Linear warmup from 0, then cosine/linear decay to min_lr_ratio (or constant)."""
-    warmup = int(round(cfg.warmup_ratio * total_steps))
+    warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * total_steps))
     if step < warmup:
         return (step + 1) / (warmup + 1)
     if cfg.scheduler == "constant":

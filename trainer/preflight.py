@@ -21,14 +21,18 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 ATTENTION_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
 
 
-def preflight(config: Config) -> None:
-    """Every check below for the model and PEFT sections of a validated config."""
-    check_model_files(config.model)
-    check_model_weights(config.model)
-    check_tokenizer_files(config.model)
+def preflight(config: Config, files: bool = True) -> None:
+    """Every check below for the model and PEFT sections of a validated config. `files=False` leaves out whether
+    the weights and tokenizer are there (for `--cfg job` and a Slurm dry run, which print what would run: the
+    files may be copied in before the job starts); the architecture's config.json is still read."""
+    if files:
+        check_model_files(config.model)
+        check_model_weights(config.model)
+        check_tokenizer_files(config.model)
     check_attention_available(config.model)
     if config.peft.name != "none":
         check_peft_modules(config.model, config.peft)
+        check_initial_adapter(config.peft)
 
 
 def check_model_files(cfg: ModelConfig) -> None:
@@ -133,6 +137,28 @@ def check_peft_modules(model_cfg: ModelConfig, peft_cfg) -> None:
         if not isinstance(targets, str):
             _require_present(resolved, names, "peft.target_modules", model)
     _require_present(saved, names, "peft.modules_to_save", model)
+
+
+def check_initial_adapter(peft_cfg) -> None:
+    """peft.init_from names an adapter of the configured method and rank (its tensors' shapes follow from them)."""
+    path = getattr(peft_cfg, "init_from", None)
+    if not path:
+        return
+    from trainer.adapters import initial_adapter_dir, read_adapter_config
+
+    if not os.path.isdir(path):
+        raise ConfigError("peft.init_from", f"{path!r} is not a dir (give an adapter dir, or a run dir with final/)")
+    adapter = read_adapter_config(initial_adapter_dir(path))
+    if str(adapter.get("peft_type", "")).upper() != "LORA":
+        raise ConfigError("peft.init_from", f"{path!r} holds a {adapter.get('peft_type')} adapter; peft.init_from "
+                          "continues a LoRA/DoRA/QLoRA adapter")
+    if adapter.get("r") != peft_cfg.r:
+        raise ConfigError("peft.r", f"is {peft_cfg.r}, but the adapter in peft.init_from has r={adapter.get('r')}: "
+                          f"set peft.r={adapter.get('r')}")
+    if bool(adapter.get("use_dora")) != (peft_cfg.name == "dora"):
+        method = "dora" if adapter.get("use_dora") else "lora or qlora"
+        raise ConfigError("peft", f"{peft_cfg.name} cannot continue the adapter in peft.init_from, which is "
+                          f"{method}: use peft={method.split()[0]}")
 
 
 def _require_present(wanted: list[str], names: list[str], key: str, model) -> None:

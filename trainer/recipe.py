@@ -98,8 +98,14 @@ class Recipe:
         build = partial(build_model, self.config.model, self.config.peft, self.config.train.precision,
                         freeze=self.config.optim.freeze)
         model, optimizer = self.strategy.setup(build, lambda m: build_optimizer(m, self.config.optim))
+        # from_pretrained hands the model back in eval mode, where dropout, transformers' gradient checkpointing and
+        # the MoE routers' outputs for the load-balancing loss are all switched off. Evaluation restores this mode.
+        model.train()
         self.logger.info(str(parameter_report(self.strategy.unwrap(model))))
         self.freezing = build_freezing_schedule(self.strategy.unwrap(model), self.config.optim.freeze, self.logger.info)
+        from trainer.moe import build_router_loss
+
+        self.router_loss = build_router_loss(self.strategy.unwrap(model))  # MoE: the load-balancing loss, else None
         return model, optimizer, build_scheduler(optimizer, self.config.optim, self.total_steps)
 
     # ----------------------------------------------------------------------------------------- training
@@ -127,7 +133,8 @@ class Recipe:
             started = time.perf_counter()
             self.freezing.on_step(self.state.step)  # gradual unfreezing (a no-op unless configured)
             metrics = self.train_step()
-            metrics["tokens_per_second"] = throughput.update(metrics.pop("num_tokens"), time.perf_counter() - started)
+            metrics["step_seconds"] = time.perf_counter() - started
+            metrics["tokens_per_second"] = throughput.update(metrics.pop("num_tokens"), metrics["step_seconds"])
             self.state_bytes = self.state_bytes or self.strategy.local_state_bytes(self.model, self.optimizer)
             step = self.state.step
             if self._every(cfg.logger.every_n_steps, step) or "nonfinite" in metrics:
@@ -137,30 +144,38 @@ class Recipe:
                 status = "stopped_nonfinite"  # before any save: the last committed checkpoint stays the newest
                 break
             checkpoints.poll()  # commit a finished background save
-            if self._every(cfg.eval.every_n_steps, step) and step < self.total_steps:
+            # Every epoch has exactly steps_per_epoch steps (the incomplete tail is reshuffled into the next one).
+            epoch_ended = step % max(1, self.sampler.steps_per_epoch) == 0
+            if (self._every(cfg.eval.every_n_steps, step) or (epoch_ended and cfg.eval.every_epoch)) \
+                    and step < self.total_steps:
                 eval_metrics = self._evaluate_unless_preempted(step)
                 if eval_metrics is not None and self._early_stop(eval_metrics):
                     status = "early_stopped"
                     break
-            if checkpoints.due(step) and checkpoints.save(self):
+            if checkpoints.due(step, epoch_ended) and checkpoints.save(self):
                 saved_step = step
             if self.preemption.should_stop(self.strategy):
                 status = self._stop_for_preemption(checkpoints, saved_step)
                 break
+        status, eval_after, final_dir = self._finish(status, checkpoints, saved_step)
+        return self._summary(status, eval_after, final_dir, throughput.steady_tokens_per_second,
+                             peak_memory_bytes(self.strategy.device))
+
+    def _finish(self, status: str, checkpoints, saved_step: int | None) -> tuple[str, dict, str | None]:
+        """After the loop: the final evaluation (a preemption request stops it and keeps the trained state as a
+        checkpoint) and final/ (a request during that save is absorbed: the run completes, docs/checkpoints.md)."""
         eval_after = {}
         if status not in ("preempted", "stopped_nonfinite"):
             eval_after = self._evaluate_unless_preempted(self.state.step)
-            if eval_after is None:  # the training is done but not yet saved as final/: keep it as a checkpoint
+            if eval_after is None:
                 status = self._stop_for_preemption(checkpoints, saved_step)
         checkpoints.finish()  # a background save still in flight is committed before the run ends
         if status in ("preempted", "stopped_nonfinite"):
-            return self._summary(status, {}, None, throughput.steady_tokens_per_second,
-                                 peak_memory_bytes(self.strategy.device))
-        final_dir = self.save_final()  # a request during it is absorbed: the run completes (docs/checkpoints.md)
+            return status, {}, None
+        final_dir = self.save_final()
         if self.preemption.reason:
             self.logger.info(f"{self.preemption.reason} during the final save: the run is complete, nothing to resume")
-        return self._summary(status, eval_after, final_dir, throughput.steady_tokens_per_second,
-                             peak_memory_bytes(self.strategy.device))
+        return status, eval_after, final_dir
 
     def _evaluate_unless_preempted(self, step: int) -> dict | None:
         """An evaluation that a preemption request stops between batches (None then): its metrics are dropped and
@@ -217,6 +232,9 @@ class Recipe:
         micro_batches = local_microbatches(global_indices, strategy.rank, strategy.world_size,
                                            cfg.train.micro_batch_size)
         loss_sum = torch.zeros((), device=strategy.device)
+        router_sum = torch.zeros((), device=strategy.device)
+        # The router loss is a mean per micro batch: averaged over every micro batch of the step, on all ranks.
+        router_share = 1.0 / (len(micro_batches) * strategy.world_size)
         num_tokens = 0
         for index, micro in enumerate(micro_batches):
             batch_rows = [self.data.train[i] for i in micro]
@@ -226,8 +244,11 @@ class Recipe:
                 with strategy.autocast():
                     logits = self.model(**batch.inputs).logits
                 micro_loss_sum = token_loss_sum(logits, batch.labels)
-                strategy.backward(micro_loss_sum / num_label_tokens * strategy.loss_multiplier)
+                router = self.router_loss.pop(batch.token_mask) if self.router_loss else 0.0
+                micro_loss = micro_loss_sum / num_label_tokens + router * router_share
+                strategy.backward(micro_loss * strategy.loss_multiplier)
             loss_sum += micro_loss_sum.detach()
+            router_sum += router.detach() if torch.is_tensor(router) else router
         grad_norm, applied = strategy.step(self.model, self.optimizer, cfg.optim.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
@@ -238,6 +259,8 @@ class Recipe:
         metrics = {"num_tokens": global_tokens, "lr": lr}
         # Reduced every step, not only on logged ones: the non-finite policy needs every rank to agree on it.
         loss = strategy.all_reduce_sum(float(loss_sum)) / num_label_tokens
+        if self.router_loss:  # logged apart from the language-model loss, which stays comparable with eval loss
+            metrics["router_aux_loss"] = strategy.all_reduce_sum(float(router_sum)) * router_share
         # fp16's loss scaler skips overflowing steps by design; elsewhere an unapplied step means NaN/inf gradients.
         nonfinite = "loss" if not math.isfinite(loss) else (
             "gradient norm" if not applied and cfg.train.precision != "fp16" else None)
@@ -245,8 +268,11 @@ class Recipe:
             metrics["nonfinite"] = nonfinite
         if self._every(cfg.logger.every_n_steps, self.state.step) or self.state.step in (1, self.total_steps) \
                 or nonfinite:
+            from trainer.metrics import peak_memory_bytes
+
             metrics.update(loss=loss, grad_norm=grad_norm, label_tokens=num_label_tokens,
-                           epoch=self.sampler.state.epoch)
+                           epoch=self.sampler.state.epoch,
+                           peak_memory_gib=round(peak_memory_bytes(strategy.device) / 2**30, 3))
         if math.isfinite(loss):
             self.state.first_loss = loss if self.state.first_loss is None else self.state.first_loss
             self.state.last_loss = loss
@@ -375,7 +401,7 @@ def run_training(config: Config, on_exit_code=None) -> int:
     `on_exit_code(code, message)` runs on every rank before any rank exits with a non-zero code (the worker records
     why there, while torchrun, which tears the job down at the first non-zero exit, still lets it)."""
     from trainer.errors import EXIT_REQUEUE
-    from trainer.metrics import plot_loss_curve
+    from trainer.plots import plot_loss_curve
 
     started = time.time()
     recipe = Recipe(config)
@@ -386,7 +412,7 @@ def run_training(config: Config, on_exit_code=None) -> int:
             write_summary(config.run.dir, summary)
             if config.logger.plot:
                 plot_loss_curve(os.path.join(config.run.dir, "metrics.jsonl"),
-                                os.path.join(config.run.dir, "loss_curve.png"))
+                                os.path.join(config.run.dir, "loss_curve.png"), title=config.run.name)
             _print_result(recipe, summary)
         # A preempted run checkpointed and asks to be requeued; resume=auto continues it from that checkpoint.
         code = {"preempted": EXIT_REQUEUE, "stopped_nonfinite": EXIT_STOPPED_NONFINITE}.get(summary["status"], 0)
@@ -406,6 +432,13 @@ def _stop_message(recipe: Recipe, summary: dict) -> str:
             f"committed checkpoint in {recipe.run_dir}/checkpoints is intact (what to do next: docs/checkpoints.md)")
 
 
+def _figure(value) -> str:
+    """A metric for the end-of-run table: 4 decimals, thousands separated, large values in 4 significant digits."""
+    if not isinstance(value, (int, float)):
+        return "-"
+    return f"{value:,.4f}" if abs(value) < 1e6 else f"{value:.4g}"
+
+
 def _print_result(recipe: Recipe, summary: dict) -> None:
     if summary["status"] in ("preempted", "stopped_nonfinite"):
         print(f"run {_stop_message(recipe, summary)}", flush=True)
@@ -415,9 +448,10 @@ def _print_result(recipe: Recipe, summary: dict) -> None:
              f"train loss {summary['train_loss_first']:.4f} -> {summary['train_loss_last']:.4f}"]
     if before or after:
         keys = sorted(set(before) | set(after))
+        cells = [(key, _figure(before.get(key)), _figure(after.get(key))) for key in keys]
         width = max(len("metric"), *map(len, keys)) + 2
-        lines.append(f"{'metric':<{width}}{'before':>10}{'after':>10}")
-        for key in keys:
-            lines.append(f"{key:<{width}}{before.get(key, float('nan')):>10.4f}{after.get(key, float('nan')):>10.4f}")
+        column = max(len("before"), *(max(len(b), len(a)) for _, b, a in cells)) + 2  # never run figures together
+        lines.append(f"{'metric':<{width}}{'before':>{column}}{'after':>{column}}")
+        lines += [f"{key:<{width}}{b:>{column}}{a:>{column}}" for key, b, a in cells]
     lines.append(f"run dir: {recipe.run_dir}  (summary.json, metrics.jsonl, loss_curve.png, final/)")
     print("\n".join(lines), flush=True)

@@ -125,3 +125,17 @@ def check_safetensors_files(directory: str) -> None:
         if problem:
             raise UserError(f"{path} is truncated or damaged ({problem}): restore it, or write it again (`trainer "
                             "export` from a checkpoint, or train the run again)")
+
+
+def apply_umask(directory: str) -> None:
+    """Give every file under DIRECTORY the permissions the user's umask asks for (0644 under umask 022).
+
+    safetensors writes its files with mode 0600 (an atomic temp file), so a model that a team shares on a cluster
+    filesystem would be readable by its writer alone; the other files of the same dir follow the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)

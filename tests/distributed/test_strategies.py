@@ -40,21 +40,20 @@ def single_losses(tmp_path_factory) -> dict[str, dict[int, float]]:
     return {peft: _train(root / peft, "strategy=single", *_peft(peft), ranks=1) for peft in ("none", "lora")}
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "zero3"])
-@pytest.mark.parametrize("peft", ["none", "lora"])
+# Every strategy docs/distributed.md lists, at the tolerance it states. zero3_offload JIT-builds DeepSpeed's CPU Adam
+# on a machine's first run (about a minute), then it is cached: one peft method for it keeps that to one build.
+PARITY = [(strategy, peft) for strategy in ("ddp", "fsdp", "zero1", "zero2", "zero3") for peft in ("none", "lora")]
+PARITY += [("zero3_offload", "lora")]
+
+
+@pytest.mark.parametrize("strategy,peft", PARITY)
 def test_two_ranks_match_single_process_losses(strategy, peft, single_losses, tmp_path):
-    losses = _train(tmp_path / "run", f"strategy={strategy}", *_peft(peft))
+    losses = _train(tmp_path / "run", f"strategy={strategy}", *_peft(peft), timeout=900)
     reference = single_losses[peft]
     assert sorted(losses) == list(range(1, STEPS + 1))
     for step in reference:
         assert losses[step] == pytest.approx(reference[step], rel=1e-3), f"step {step}"
     assert (tmp_path / "run" / "final").is_dir()
-
-
-def test_zero3_offload_runs(tmp_path):
-    # The first run on a machine JIT-builds DeepSpeed's CPU Adam (about a minute), then it is cached.
-    losses = _train(tmp_path / "run", "strategy=zero3_offload", *_peft("lora"), "train.max_steps=2", timeout=900)
-    assert sorted(losses) == [1, 2]
 
 
 def test_sharded_model_states_are_at_most_055x_of_single_per_rank(tmp_path):

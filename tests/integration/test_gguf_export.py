@@ -163,7 +163,7 @@ def test_model_reads_back_with_hyperparameters_tokenizer_and_weights(tmp_path, d
 
 def test_unsupported_architecture_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "num_hidden_layers": 2}))
-    with pytest.raises(UserError, match="Llama-family"):
+    with pytest.raises(UserError, match="no GGUF exporter"):
         write_model(str(tmp_path), str(tmp_path / "m.gguf"))
 
 
@@ -175,3 +175,60 @@ def test_command_line_merges_an_adapter_and_writes_q8_0(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     fields, tensors = _read(out)
     assert fields["general.file_type"] == 7 and "blk.3.attn_q.weight" in tensors
+
+
+def test_llama3_rope_factors_give_transformers_frequencies():
+    """rope_freqs.weight holds divisors: base frequency / factor must be transformers' llama3 inv_freq."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from trainer.export_gguf.arch import llama3_rope_factors
+    from trainer.replicas import shrink
+
+    for family in ("llama-3.1", "llama-3.2"):
+        config = shrink(family)
+        config["head_dim"] = 64  # enough dimensions to cover all three bands (kept, blended, divided)
+        inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](LlamaConfig(**config))
+        base = 500000.0 ** (-torch.arange(0, 64, 2, dtype=torch.float64) / 64)
+        factors = torch.from_numpy(llama3_rope_factors(config)).double()
+        assert set(factors.tolist()) > {1.0, config["rope_scaling"]["factor"]}  # all three bands present
+        assert torch.allclose(base / factors, inv_freq.double(), rtol=1e-5)
+
+
+def _model_dir(tmp_path: Path, config: dict) -> Path:
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(TINY, model)
+    base = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**base, **config}))
+    return model
+
+
+@pytest.mark.parametrize(("config", "fragment"), [
+    ({"model_type": "phi3", "rope_parameters": None,  # an older config: rope_scaling, its kind called `type`
+      "rope_scaling": {"type": "longrope", "long_factor": [1.0], "short_factor": [1.0]}}, "LongRoPE"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "yarn"),
+    ({"model_type": "gemma", "hidden_act": "gelu", "tie_word_embeddings": False}, "tie_word_embeddings"),
+    ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window"),
+    ({"hidden_act": "relu"}, "hidden_act"),
+])
+def test_configs_llama_cpp_would_run_differently_are_refused_in_one_line_before_writing(tmp_path, config, fragment):
+    model = _model_dir(tmp_path, config)
+    out = tmp_path / "m.gguf"
+    result = subprocess.run([sys.executable, "-m", "trainer.export_gguf", "model", str(model), str(out)],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 2 and fragment in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert list(tmp_path.glob("*.gguf*")) == [] and not list(tmp_path.glob(".m.gguf*"))
+
+
+def test_sentencepiece_style_tokenizer_is_refused(tmp_path):
+    model = _model_dir(tmp_path, {})
+    spec = json.loads((model / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581"}
+    spec["model"]["byte_fallback"] = True
+    (model / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(UserError, match="tokenizer.json: GGUF export writes byte-level BPE tokenizers only"):
+        write_model(str(model), str(tmp_path / "m.gguf"))
+    assert not list(tmp_path.glob("*.gguf"))

@@ -10,7 +10,9 @@ import pytest
 
 from tests.conftest import read_summary, run_cli, train_losses
 
-QLORA_SHARDED = ("peft=qlora", "peft.quant_storage=bf16", "train.precision=bf16", "launcher.nproc_per_node=2",
+# Dropout off: the two engines are compared step for step, and dropout draws need not line up between them.
+QLORA_SHARDED = ("peft=qlora", "peft.dropout=0", "peft.quant_storage=bf16", "train.precision=bf16",
+                 "launcher.nproc_per_node=2",
                  "train.max_steps=6", "train.micro_batch_size=4", "train.global_batch_size=8", "optim.lr=2e-3",
                  "eval.max_batches=1", "eval.generate_samples=0", "logger.progress=false", "logger.plot=false")
 

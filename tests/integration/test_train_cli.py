@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import QUICK, read_metrics, read_summary, run_cli, train_losses
+from tests.conftest import QUICK, assert_one_line_error, read_metrics, read_summary, run_cli, train_losses
 
 RUN_DIR_FILES = {"config.yaml", "metrics.jsonl", "summary.json", "loss_curve.png", "final", "checkpoints"}
 
@@ -71,6 +71,18 @@ def test_same_seed_gives_the_same_losses_and_another_seed_does_not(tmp_path):
     assert a != c
 
 
+def test_the_model_trains_in_training_mode_so_dropout_acts(tmp_path):
+    # from_pretrained returns a model in eval mode; trained in it, LoRA's dropout (and transformers' gradient
+    # checkpointing) would silently do nothing. The adapter starts at zero, so the first losses agree and the
+    # dropout shows from the second step on.
+    lora = ("peft=lora", "seed=3", "train.max_steps=3", "eval.generate_samples=0")
+    _train(tmp_path / "none", *lora, "peft.dropout=0")
+    _train(tmp_path / "half", *lora, "peft.dropout=0.5")
+    without, with_dropout = train_losses(tmp_path / "none"), train_losses(tmp_path / "half")
+    assert without[1] == with_dropout[1]
+    assert without[3] != pytest.approx(with_dropout[3], rel=1e-4)
+
+
 def test_early_stopping_stops_when_eval_loss_stops_improving(run_dir):
     # A learning rate of zero cannot improve the eval loss, so patience 2 ends the run at the second eval.
     _train(run_dir, "optim.lr=1e-12", "train.max_steps=20", "eval.every_n_steps=2", "eval.early_stopping_patience=2",
@@ -111,3 +123,30 @@ def test_bad_data_file_is_one_line_naming_file_and_line(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert f"{bad}:2:" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_second_round_starts_from_an_existing_adapter(tmp_path):
+    """peft.init_from continues an adapter: the new run's evaluation before training is the first run's after."""
+    lora = ("peft=lora", "peft.r=8", "eval.generate_samples=0", "train.max_steps=3")
+    _train(tmp_path / "first", *lora)
+    _train(tmp_path / "second", *lora, f"peft.init_from={tmp_path / 'first'}", "optim.warmup_steps=1")
+    first, second = read_summary(tmp_path / "first"), read_summary(tmp_path / "second")
+    assert second["eval_before"]["loss"] == pytest.approx(first["eval_after"]["loss"], rel=1e-5)
+    assert second["eval_before"]["loss"] < first["eval_before"]["loss"]
+    refused = run_cli("train", f"run.dir={tmp_path / 'third'}", *QUICK, "peft=lora", "peft.r=16",
+                      f"peft.init_from={tmp_path / 'first'}")
+    assert_one_line_error(refused, "peft.r", "r=8")
+
+
+def test_evaluation_and_checkpoints_every_epoch(tmp_path):
+    # The demo's rows make an epoch of a few global batches; two epochs end two evaluations and two checkpoints.
+    run_dir = tmp_path / "run"
+    _train(run_dir, "train.max_steps=0", "train.epochs=2", "eval.every_epoch=true", "checkpoint.every_epoch=true",
+           "checkpoint.keep_last=0", "eval.generate_samples=0", "train.global_batch_size=32")
+    steps = sorted(train_losses(run_dir))
+    per_epoch = len(steps) // 2
+    evals = [r["step"] for r in read_metrics(run_dir) if "eval_loss" in r]
+    assert per_epoch in evals and len(steps) in evals  # after the first epoch; the last one ends the run
+    saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert saved == [f"step-{per_epoch:06d}", f"step-{len(steps):06d}"]
+    assert all("peak_memory_gib" in r for r in read_metrics(run_dir) if "loss" in r)

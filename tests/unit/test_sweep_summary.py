@@ -89,3 +89,12 @@ def test_usage_and_user_errors(tmp_path):
     assert_one_line_error(run_cli("sweep", "summary", str(tmp_path / "missing")), "not a directory")
     assert_one_line_error(run_cli("sweep", "summary", str(tmp_path)), "no run dirs")
     assert_one_line_error(run_cli("sweep", "tabulate"), "unknown subcommand")
+
+
+def test_a_mistyped_objective_is_refused_with_the_closest_key_and_the_tables_stay(sweep):
+    first = run_cli("sweep", "summary", str(sweep))
+    assert first.returncode == 0, first.stderr
+    written = (sweep / "sweep_summary.csv").read_text()
+    result = run_cli("sweep", "summary", str(sweep), "--objective", "eval_after.exact_macth")
+    assert_one_line_error(result, "eval_after.exact_macth", "did you mean eval_after.exact_match?")
+    assert (sweep / "sweep_summary.csv").read_text() == written

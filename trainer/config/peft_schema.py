@@ -52,6 +52,9 @@ class LoraConfig:
     bias: str = "none"  # none | lora_only | all
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r): high ranks keep learning instead of fading
     modules_to_save: List[str] = field(default_factory=list)  # modules trained in full, saved with the adapter
+    # Start from an existing adapter of this shape (a PEFT adapter dir, or a run dir with final/) and train it on
+    # (e.g. a second round on new data); null: a fresh adapter.
+    init_from: Optional[str] = None
 
     def __post_init__(self) -> None:
         require(self.r >= 1, "r", f"must be >= 1, got {self.r}")

@@ -309,6 +309,7 @@ class OptimConfig:
     eps: float = 1e-8
     scheduler: str = "cosine"  # cosine | linear | constant (all after warmup)
     warmup_ratio: float = 0.03  # share of total steps spent warming up linearly from 0
+    warmup_steps: int = 0  # warm up over exactly this many steps instead (0: use warmup_ratio)
     min_lr_ratio: float = 0.0  # cosine/linear decay ends at lr * min_lr_ratio
     max_grad_norm: float = 1.0  # clip the global gradient norm (0 disables)
     # Layer-wise LR decay: the head trains at lr, decoder layer i at lr * decay^(L - i), embeddings at lr * decay^(L+1),
@@ -324,6 +325,7 @@ class OptimConfig:
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
         one_of(self.scheduler, SCHEDULERS, "scheduler")
         require(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        non_negative(self.warmup_steps, "warmup_steps", "steps")
         require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         non_negative(self.max_grad_norm, "max_grad_norm", "a norm")
         require(0.0 < self.layer_lr_decay <= 1.0, "layer_lr_decay", f"must be in (0, 1] (1 disables), got "
@@ -356,6 +358,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every_n_steps: int = 0  # evaluate on the validation split every N steps (0 disables; always before/after)
+    every_epoch: bool = False  # also evaluate at the end of each pass over the training data
     max_batches: int = 0  # cap on validation batches per evaluation (0: all)
     early_stopping_patience: int = 0  # stop after this many evaluations without improvement (0 disables)
     early_stopping_min_delta: float = 0.0  # an improvement must lower eval loss by more than this
@@ -383,6 +386,7 @@ class EvalConfig:
 class CheckpointConfig:
     every_n_steps: int = 0  # save a checkpoint every N steps (0 disables)
     every_n_minutes: float = 0.0  # also save once this long since the last save (rank 0's clock decides; 0 disables)
+    every_epoch: bool = False  # also save at the end of each pass over the training data
     keep_last: int = 2  # committed checkpoints to keep (0 keeps all)
     async_save: bool = False  # write in a background thread (DCP strategies); committed once every rank has finished
     checksum: bool = True  # record a crc32 of every file in COMMITTED and check it at resume (sizes are always checked)

@@ -101,9 +101,11 @@ class Batch:
     inputs: dict  # passed as model(**inputs): input_ids, attention_mask (and position_ids when packed)
     labels: object  # torch.LongTensor, IGNORE_INDEX where no loss is taken
     num_tokens: int  # non-padding tokens, for throughput
+    token_mask: object = None  # [batch, seq] 1 on real tokens, 0 on padding (None: no padding), e.g. for MoE losses
 
     def to(self, device) -> "Batch":
-        return Batch({k: v.to(device) for k, v in self.inputs.items()}, self.labels.to(device), self.num_tokens)
+        mask = None if self.token_mask is None else self.token_mask.to(device)
+        return Batch({k: v.to(device) for k, v in self.inputs.items()}, self.labels.to(device), self.num_tokens, mask)
 
 
 def collate(rows: list, pad_id: int, attention: str = "sdpa") -> Batch:
@@ -132,8 +134,9 @@ def _collate_padded(rows: list, pad_id: int) -> Batch:
         input_ids[i, :n] = row.input_ids
         labels[i, :n] = row.labels
         attention_mask[i, :n] = 1
-    return Batch({"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask)},
-                 torch.from_numpy(labels), int(attention_mask.sum()))
+    mask = torch.from_numpy(attention_mask)
+    return Batch({"input_ids": torch.from_numpy(input_ids), "attention_mask": mask}, torch.from_numpy(labels),
+                 int(attention_mask.sum()), mask)
 
 
 def _segments(rows: list, pad_id: int):
@@ -172,7 +175,9 @@ def _collate_block_diagonal(rows: list, pad_id: int, additive_mask: bool) -> Bat
     if additive_mask:  # eager attention adds the mask to the scores
         mask = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, torch.finfo(torch.float32).min)
     num_tokens = sum(len(row) for row in rows)
-    return Batch({"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids}, labels, num_tokens)
+    real = segment < torch.tensor([len(row.samples) for row in rows])[:, None]  # the pad tail is the last segment
+    return Batch({"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids}, labels, num_tokens,
+                 real.long())
 
 
 def _collate_flattened(rows: list) -> Batch:

@@ -42,6 +42,9 @@ def export(path: str, to: str, out_dir: str, dtype: str = "auto", max_shard_byte
         report = hf.write_adapter(source, tmp, dtype)
     else:
         report = hf.write_merged(source, tmp, dtype)
+    from trainer.weights import apply_umask
+
+    apply_umask(tmp)
     if os.path.isdir(out_dir):
         os.rmdir(out_dir)  # empty (checked above)
     os.replace(tmp, out_dir)

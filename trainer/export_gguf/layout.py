@@ -1,8 +1,6 @@
-"""How a Hugging Face Llama-family checkpoint maps onto llama.cpp's GGUF layout.
+"""How a Hugging Face checkpoint's tensors map onto llama.cpp's GGUF layout (which llama.cpp architecture
+each model_type runs as, and what else differs per family, is in arch.py).
 
-* Architectures: llama and mistral configs both run as llama.cpp's `llama` architecture (same tensors and
-  hyper-parameters; mistral's sliding window is not used by llama.cpp's llama graph). Others are refused with a
-  pointer to llama.cpp's own converter rather than written half right.
 * Tensor names come from the gguf package's own map (`gguf.get_tensor_name_map`): model.layers.0.self_attn.q_proj
   -> blk.0.attn_q, model.embed_tokens -> token_embd, lm_head -> output, ...
 * Rotary row order: transformers' Llama rotates each head's first half of dimensions against its second half
@@ -20,29 +18,17 @@ from __future__ import annotations
 from trainer.errors import UserError
 from trainer.jsonfile import read_json_in
 
-GGUF_ARCH = {"llama": "llama", "mistral": "llama"}
-
 
 def read_hf_config(model_dir: str) -> dict:
     return read_json_in(model_dir, "config.json", f"{model_dir!r} has no config.json: give a Hugging Face model dir")
 
 
-def gguf_arch(config: dict) -> str:
-    model_type = config.get("model_type", "?")
-    if model_type not in GGUF_ARCH:
-        raise UserError(f"GGUF export supports Llama-family models ({', '.join(GGUF_ARCH)}), not {model_type!r}: "
-                        "use llama.cpp's convert_hf_to_gguf.py for it")
-    rope = rope_parameters(config)
-    if rope.get("rope_type", "default") not in ("default", None):
-        raise UserError(f"rope scaling {rope.get('rope_type')!r} is not written by this exporter (llama.cpp needs "
-                        "extra rope tensors for it): use llama.cpp's convert_hf_to_gguf.py")
-    return GGUF_ARCH[model_type]
-
-
 def rope_parameters(config: dict) -> dict:
-    """transformers 5 keeps rope settings in `rope_parameters`; older configs use rope_theta / rope_scaling."""
+    """transformers 5 keeps rope settings in `rope_parameters`; older configs use rope_theta / rope_scaling (whose
+    kind was once called `type`)."""
     rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
     rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    rope["rope_type"] = rope.get("rope_type") or rope.get("type") or "default"
     return rope
 
 
@@ -50,24 +36,25 @@ def head_dim(config: dict) -> int:
     return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
 
 
-def tensor_name_map(config: dict):
+def tensor_name_map(gguf_arch: str, num_layers: int):
     import gguf
 
-    arch = getattr(gguf.MODEL_ARCH, gguf_arch(config).upper())
-    return gguf.get_tensor_name_map(arch, int(config["num_hidden_layers"]))
+    return gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, gguf_arch.upper()), num_layers)
 
 
 def gguf_name(name_map, hf_module: str) -> str:
     """`model.layers.0.self_attn.q_proj` -> `blk.0.attn_q` (without the .weight suffix)."""
     mapped = name_map.get_name(hf_module)
     if mapped is None:
-        raise UserError(f"no GGUF tensor name for {hf_module!r}: this exporter knows the Llama layout only")
+        raise UserError(f"no GGUF tensor name for {hf_module!r} in llama.cpp's layout of this architecture")
     return mapped
 
 
-def rotary_heads(config: dict, hf_module: str) -> int | None:
-    """The number of heads whose rows must be reordered for ggml's rope: q_proj's attention heads, k_proj's KV
-    heads; None for every other tensor."""
+def rotary_heads(config: dict, hf_module: str, adjacent_rope_pairs: bool) -> int | None:
+    """The number of heads whose rows must be reordered for ggml's normal-mode rope: q_proj's attention heads,
+    k_proj's KV heads; None for every other tensor, and for every tensor of a neox-rope architecture."""
+    if not adjacent_rope_pairs:
+        return None
     if hf_module.endswith("self_attn.q_proj"):
         return int(config["num_attention_heads"])
     if hf_module.endswith("self_attn.k_proj"):

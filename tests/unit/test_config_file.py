@@ -1,0 +1,59 @@
+"""Your own config: `trainer train|plan|data check my.yaml` and Hydra's -cd/-cn for every composing command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import REPO, assert_one_line_error, compose_config, run_cli
+
+CHAT = REPO / "tests/fixtures/data/chat.jsonl"
+TINY = REPO / "trainer/assets/tiny-llama"
+MY_RUN = f"""\
+defaults:
+  - peft: qlora
+data:
+  path: {CHAT}
+  sources: []
+optim:
+  lr: 1.0e-4
+  betas: [0.9, 0.95]
+model:
+  arch:
+    rope_scaling: {{rope_type: linear, factor: 2.0}}
+"""
+
+
+def test_a_config_file_composes_like_the_overrides_it_holds_and_the_command_line_wins(tmp_path):
+    mine = tmp_path / "my-run.yaml"
+    mine.write_text(MY_RUN)
+    from_file = compose_config(str(mine))
+    assert from_file.peft.name == "qlora" and from_file.optim.lr == 1e-4 and from_file.data.path == str(CHAT)
+    assert list(from_file.optim.betas) == [0.9, 0.95]
+    assert from_file.model.arch["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
+    later = compose_config(str(mine), "optim.lr=5e-5", "peft=lora")
+    assert later.optim.lr == 5e-5 and later.peft.name == "lora"
+
+
+def test_mistakes_in_a_config_file_are_one_line_naming_the_key_or_the_line(tmp_path):
+    (tmp_path / "typo.yaml").write_text("optim:\n  lrr: 1e-4\n")
+    (tmp_path / "broken.yaml").write_text("optim:\n  lr: [1e-4\n")
+    assert_one_line_error(run_cli("plan", str(tmp_path / "typo.yaml")), "optim.lrr", "did you mean optim.lr?")
+    assert_one_line_error(run_cli("plan", str(tmp_path / "broken.yaml")), "broken.yaml", "line 2")
+    assert_one_line_error(run_cli("plan", str(tmp_path / "none.yaml")), "none.yaml", "does not exist")
+
+
+@pytest.mark.parametrize("flag", [["-cd"], ["--config-dir"]])
+def test_a_config_dir_of_your_own_works_for_plan_and_train_cfg_job(tmp_path, flag):
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text(
+        f"# @package _global_\ndefaults:\n  - override /peft: dora\nmodel:\n  path: {TINY}\n"
+        f"data:\n  path: {CHAT}\noptim:\n  lr: 3.0e-4\n")
+    plan = run_cli("plan", *flag, str(tmp_path), "experiment=mine", "--json")
+    assert plan.returncode == 0, plan.stderr
+    planned = json.loads(plan.stdout)
+    assert planned["model"] == "tiny-llama" and planned["configured"]["peft_method"] == "dora"
+    job = run_cli("train", *flag, str(tmp_path), "experiment=mine", "--cfg", "job")
+    assert job.returncode == 0, job.stderr
+    assert "lr: 0.0003" in job.stdout and "name: dora" in job.stdout
