@@ -113,6 +113,8 @@ def hydra_error_to_config_error(err: Exception) -> ConfigError | None:
         close = suggest_option(asked, options) if asked else None
         hint += f"; did you mean {close}?" if close else ""
         return ConfigError("defaults", f"{first}{hint}")
+    if "LexerNoViableAltException" in first or "mismatched input" in first or "no viable alternative" in first:
+        return _override_syntax_error(first)
     if "is not in struct" in first or "Key '" in first and "not in" in first:
         first = "unknown key; check the spelling, or see `trainer train --cfg job` for the keys that exist"
         if str(key).startswith(FREE_FORM_SECTIONS):
@@ -127,6 +129,18 @@ def hydra_error_to_config_error(err: Exception) -> ConfigError | None:
         if close:
             first = f"unknown key; did you mean {close}? (`trainer train --cfg job` lists the keys that exist)"
     return ConfigError(str(key or "config"), first)
+
+
+def _override_syntax_error(first: str) -> ConfigError:
+    """Hydra's override grammar takes unquoted values of ASCII letters, digits and a few symbols only: a path with
+    `ü`, a space or a `=` in it fails in its lexer, whose message shows neither the cause nor the remedy."""
+    override = first.split(": ", 1)[1].strip() if ": " in first else first
+    key, _, value = override.partition("=")
+    if not value:
+        return ConfigError("override", f"cannot parse {override!r}: overrides are KEY=VALUE")
+    return ConfigError(key.lstrip("+~") or "override",
+                       f"cannot parse the value {value!r}: quote it (non-ASCII letters, spaces and most symbols "
+                       f"need quotes), e.g. '{key}=\"{value}\"' in the shell")
 
 
 def compose_train_config(overrides: list[str]):

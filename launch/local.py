@@ -10,9 +10,10 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 from trainer.config.schema import Config, LocalLauncherConfig
-from trainer.errors import UserError
+from trainer.errors import EXIT_REQUEUE, UserError
 
 
 def worker_command(launcher: LocalLauncherConfig, run_dir: str) -> list[str]:
@@ -26,7 +27,8 @@ def worker_command(launcher: LocalLauncherConfig, run_dir: str) -> list[str]:
         if launcher.hostfile:
             command.append(f"--hostfile={launcher.hostfile}")
         return [*command, "--module", "trainer.worker", run_dir]
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={launcher.nproc_per_node}",
+    # torchrun, quiet about a worker's exit code and passing signals on as preemption requests (launch/agent.py)
+    command = [sys.executable, "-m", "launch.agent", f"--nproc_per_node={launcher.nproc_per_node}",
                f"--max_restarts={launcher.max_restarts}"]
     if launcher.nnodes == 1:
         command.append("--standalone")  # a private rendezvous on a free port: no clash between jobs
@@ -51,34 +53,66 @@ def worker_environment() -> dict:
 
 
 def run_local(config: Config) -> int:
-    from trainer.worker import STATUS_DIR, read_failures
+    from trainer.preemption import LAUNCHER_SIGNALS, REQUEST_FILE_ENV, watch
+    from trainer.worker import PREEMPT_REQUEST, STATUS_DIR, read_failures
 
+    # Normally installed already (launch/train.py); from here a signal to this process is a preemption request.
+    watcher = watch(LAUNCHER_SIGNALS)
+    if watcher.reason:  # before anything trained: nothing to save, and the same command starts afresh
+        raise WorkerFailed(EXIT_REQUEUE, f"{watcher.reason} before training started: stopped with nothing to save; "
+                           "run the same command again to start")
     launcher = config.launcher
     # One rank of `single` runs in this process; other strategies need a process group, which torchrun sets up.
     if launcher.world_size == 1 and launcher.backend == "torchrun" and config.strategy.name == "single":
         from trainer.recipe import run_training
 
         return run_training(config)
-    shutil.rmtree(os.path.join(config.run.dir, STATUS_DIR), ignore_errors=True)
+    status_dir = os.path.join(config.run.dir, STATUS_DIR)
+    shutil.rmtree(status_dir, ignore_errors=True)
+    os.makedirs(status_dir, exist_ok=True)
+    env = worker_environment()
+    # SIGTERM/SIGINT/SIGUSR1 here become a request file that the workers poll (a request made before they start
+    # waits for them); Slurm's batch script may have named the file already.
+    env[REQUEST_FILE_ENV] = env.get(REQUEST_FILE_ENV) or os.path.join(status_dir, PREEMPT_REQUEST)
+    watcher.forward_to(env[REQUEST_FILE_ENV])
     command = worker_command(launcher, config.run.dir)
     sys.stderr.write(f"[trainer] launching {launcher.world_size} workers: {' '.join(command)}\n")
-    result = subprocess.run(command, env=worker_environment(), preexec_fn=_die_with_parent)
-    if result.returncode == 0:
+    # A session of its own: a terminal's Ctrl-C reaches this process only, which asks the workers to checkpoint.
+    agent = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent, start_new_session=True)
+    returncode = agent.wait()
+    _wait_for_workers(config.run.dir)
+    if returncode == 0:
         return 0
     failures = read_failures(config.run.dir)
+    if failures and all(f["exit_code"] == EXIT_REQUEUE for f in failures):
+        raise WorkerFailed(EXIT_REQUEUE, failures[0]["message"])  # preempted: checkpointed, run again to resume
     silent = sorted(set(range(launcher.nproc_per_node * launcher.node_rank,
                               launcher.nproc_per_node * (launcher.node_rank + 1))) - {f["rank"] for f in failures})
     if failures and silent:
         # A rank that vanished without a word (SIGKILL, out-of-memory killer) is the root cause; the others
         # only saw their peer disappear.
-        raise WorkerFailed(result.returncode, f"worker rank {silent[0]} was killed or crashed without reporting "
+        raise WorkerFailed(returncode, f"worker rank {silent[0]} was killed or crashed without reporting "
                            f"(e.g. a signal or the out-of-memory killer); rank {failures[0]['rank']} then failed: "
                            f"{failures[0]['message']}")
     if failures:
         first = failures[0]
         raise WorkerFailed(first["exit_code"], f"worker rank {first['rank']} failed: {first['message']}")
-    raise WorkerFailed(result.returncode, f"workers exited with code {result.returncode} (a rank was killed or "
+    raise WorkerFailed(returncode, f"workers exited with code {returncode} (a rank was killed or "
                        "crashed before it could report; see the output above)")
+
+
+def _wait_for_workers(run_dir: str) -> None:
+    """Workers outlive a torchrun that was killed (SIGKILL): they got SIGTERM from the kernel (trainer/worker.py) and
+    are saving a checkpoint. This process holds the run dir's lock, so it returns only once they are gone."""
+    from trainer.worker import is_worker_alive, recorded_pids
+
+    alive = [pid for pid in recorded_pids(run_dir) if is_worker_alive(pid)]
+    if alive:
+        sys.stderr.write(f"[trainer] waiting for {len(alive)} workers that outlived their launcher to checkpoint "
+                         f"and exit (pids {' '.join(map(str, alive))})\n")
+    while alive:
+        time.sleep(0.2)
+        alive = [pid for pid in alive if is_worker_alive(pid)]
 
 
 def _die_with_parent() -> None:

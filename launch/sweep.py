@@ -297,7 +297,8 @@ def _has_failure_record(run_dir: str) -> bool:
     directory = os.path.join(run_dir, ".workers")
     if not os.path.isdir(directory):
         return False
-    records = [_read_json(os.path.join(directory, name)) for name in os.listdir(directory)]
+    records = [_read_json(os.path.join(directory, name)) for name in os.listdir(directory)
+               if name.startswith("rank-") and name.endswith(".json")]  # not the pids and requests beside them
     return any(r and r.get("exit_code") != EXIT_REQUEUE for r in records)
 
 

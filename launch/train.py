@@ -10,6 +10,12 @@ from trainer.errors import EXIT_USER_ERROR, UserError
 
 
 def _task(cfg) -> int:
+    if cfg.launcher.name != "local":
+        from trainer.preemption import unwatch
+
+        # Only a local run answers signals with a checkpoint (launch/local.py passes them on to its workers); a
+        # Slurm submission, or the wait for its result, ends on a signal as any command does.
+        unwatch()
     from launch.auto_strategy import resolve_auto_strategy
     from launch.run import launch_run
     from launch.sweep import needs_result, prepare_point, record_point

@@ -69,7 +69,7 @@ def worker_pids(run_dir: Path) -> list[int]:
         except OSError:
             continue
         ours = b"trainer.worker" in cmdline and str(run_dir).encode() in cmdline
-        if ours and b"torch.distributed.run" not in cmdline:
+        if ours and b"torch.distributed.run" not in cmdline and b"launch.agent" not in cmdline:
             rank = next((int(v[5:]) for v in environ if v.startswith(b"RANK=")), -1)
             found.append((rank, int(entry)))
     return [pid for _, pid in sorted(found)]

@@ -225,14 +225,29 @@ class CheckpointManager:
             else:
                 shutil.rmtree(directory)  # a leftover of a save that crashed at this step
         self.strategy.barrier()
-        os.makedirs(directory, exist_ok=True)
-        future = self.strategy.save_state(recipe.model, recipe.optimizer, os.path.join(directory, "state"),
-                                          async_save=self.async_save)
-        with open(os.path.join(directory, f"rng-rank{self.strategy.rank:05d}.json"), "w") as fh:
-            json.dump(_rng_state(), fh)
-        if self.strategy.is_main:
-            write_json_atomically(os.path.join(directory, STATE_FILE), self._trainer_state(recipe))
-            self._write_run_config(directory)
+        needed = self._check_space(recipe)
+        try:
+            os.makedirs(directory, exist_ok=True)
+            future = self.strategy.save_state(recipe.model, recipe.optimizer, os.path.join(directory, "state"),
+                                              async_save=self.async_save)
+            with open(os.path.join(directory, f"rng-rank{self.strategy.rank:05d}.json"), "w") as fh:
+                json.dump(_rng_state(), fh)
+            if self.strategy.is_main:
+                write_json_atomically(os.path.join(directory, STATE_FILE), self._trainer_state(recipe))
+                self._write_run_config(directory)
+        except BaseException as err:  # DCP's CheckpointException derives from BaseException
+            from trainer.disk_space import DiskFull, free_bytes, is_out_of_space
+
+            if isinstance(err, (KeyboardInterrupt, SystemExit)):
+                raise
+
+            # torch's zip writer reports a full disk as "unexpected pos", so a failed save with the disk now
+            # (partial files included) too full for it counts as one too.
+            free = free_bytes(os.path.dirname(directory), real=True)
+            if not (is_out_of_space(err) or free < needed):
+                raise
+            shutil.rmtree(directory, ignore_errors=True)  # never committed: nothing of it could ever load
+            raise DiskFull(os.path.dirname(directory), free, needed, during=True) from None
         self._last_save = time.monotonic()
         self._timing = (started, time.perf_counter() - started)
         if future is None:
@@ -240,6 +255,22 @@ class CheckpointManager:
         else:
             self._pending = (directory, step, future)
         return directory
+
+    def _check_space(self, recipe) -> int:
+        """Refuse a save that cannot fit, on every rank alike, before any of it is written (trainer/disk_space.py);
+        returns the bytes it needs."""
+        from trainer.disk_space import DiskFull, committed_bytes, free_bytes, needed_bytes
+
+        parent = os.path.join(self.run_dir, "checkpoints")
+        os.makedirs(parent, exist_ok=True)
+        newest = max((os.path.join(parent, d) for d in os.listdir(parent) if is_committed(os.path.join(parent, d))),
+                     default=None)
+        previous = committed_bytes(newest, MARKER) // self.strategy.world_size if newest else 0
+        needed = needed_bytes(previous, recipe.model, recipe.optimizer)
+        free = free_bytes(parent)
+        if self.strategy.all_reduce_max(1.0 if free < needed else 0.0) > 0:
+            raise DiskFull(parent, free, needed, during=False)
+        return needed
 
     def _write_run_config(self, directory: str) -> None:
         """The config this checkpoint was trained with travels inside it (and is covered by COMMITTED), so export,

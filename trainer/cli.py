@@ -42,6 +42,11 @@ Run `trainer <command> --help` for a command's options. Config groups and keys: 
 def _commands() -> dict:
     # Imported on use so that one subcommand's dependencies never slow another down.
     def train(argv: list[str]) -> int:
+        from trainer.preemption import LAUNCHER_SIGNALS, watch
+
+        # First: a SIGTERM/SIGINT/SIGUSR1 from here on asks the run to stop with exit 85 (docs/checkpoints.md)
+        # rather than killing this process half-way; launch/train.py lets go again for a Slurm submission.
+        watch(LAUNCHER_SIGNALS)
         from launch.train import main as train_main
 
         return train_main(argv)

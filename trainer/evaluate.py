@@ -34,7 +34,9 @@ def _rank_share(items: list, rank: int, world_size: int, batch_size: int) -> lis
 
 
 def evaluate_loss(model, rows: list[EncodedSample], strategy, batch_size: int, pad_id: int,
-                  max_batches: int = 0) -> dict:
+                  max_batches: int = 0, check=None) -> dict:
+    """`check()` runs before every batch on every rank (the same number of times on each) and may raise to stop
+    the evaluation, e.g. `PreemptionWatcher.check`."""
     import torch
 
     if not rows:
@@ -45,17 +47,21 @@ def evaluate_loss(model, rows: list[EncodedSample], strategy, batch_size: int, p
     loss_sum, num_tokens = 0.0, 0
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        for batch_rows in batches:
-            padding_batch = not batch_rows  # a rank with nothing left still runs a forward, keeping ranks in lockstep
-            batch_rows = batch_rows or rows[:1]
-            batch = collate(batch_rows, pad_id).to(strategy.device)
-            with strategy.autocast():
-                logits = model(**batch.inputs).logits
-            if not padding_batch:
-                loss_sum += float(token_loss_sum(logits, batch.labels))
-                num_tokens += sum(row.num_label_tokens for row in batch_rows)
-    model.train(was_training)
+    try:
+        with torch.no_grad():
+            for batch_rows in batches:
+                if check is not None:
+                    check()
+                padding_batch = not batch_rows  # a rank with nothing left still runs a forward (ranks in lockstep)
+                batch_rows = batch_rows or rows[:1]
+                batch = collate(batch_rows, pad_id).to(strategy.device)
+                with strategy.autocast():
+                    logits = model(**batch.inputs).logits
+                if not padding_batch:
+                    loss_sum += float(token_loss_sum(logits, batch.labels))
+                    num_tokens += sum(row.num_label_tokens for row in batch_rows)
+    finally:
+        model.train(was_training)
     loss_sum = strategy.all_reduce_sum(loss_sum)
     num_tokens = strategy.all_reduce_sum(num_tokens)
     loss = loss_sum / max(num_tokens, 1)
@@ -120,22 +126,26 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, d
 
 
 def generation_metrics(model, tokenizer, samples: list[Sample], strategy, max_new_tokens: int,
-                       batch_size: int = 16) -> tuple[dict, list[dict]]:
+                       batch_size: int = 16, check=None) -> tuple[dict, list[dict]]:
     """Exact match and token F1 of greedy answers against the references; also returns a few examples."""
     if not samples:
         return {}, []
     was_training = model.training
     model.eval()
     exact, f1, count, examples = 0.0, 0.0, 0, []
-    for batch in _rank_share(samples, strategy.rank, strategy.world_size, batch_size):
-        prompts = [s.prompt for s in batch] or [samples[0].prompt]
-        answers = greedy_generate(model, tokenizer, prompts, max_new_tokens, strategy.device, strategy.autocast)
-        for sample, answer in zip(batch, answers):
-            exact += float(normalize_answer(answer) == normalize_answer(sample.reference))
-            f1 += token_f1(answer, sample.reference)
-            count += 1
-            if len(examples) < 3:
-                examples.append({"prompt": sample.prompt, "reference": sample.reference, "answer": answer})
-    model.train(was_training)
+    try:
+        for batch in _rank_share(samples, strategy.rank, strategy.world_size, batch_size):
+            if check is not None:
+                check()
+            prompts = [s.prompt for s in batch] or [samples[0].prompt]
+            answers = greedy_generate(model, tokenizer, prompts, max_new_tokens, strategy.device, strategy.autocast)
+            for sample, answer in zip(batch, answers):
+                exact += float(normalize_answer(answer) == normalize_answer(sample.reference))
+                f1 += token_f1(answer, sample.reference)
+                count += 1
+                if len(examples) < 3:
+                    examples.append({"prompt": sample.prompt, "reference": sample.reference, "answer": answer})
+    finally:
+        model.train(was_training)
     exact, f1, count = (strategy.all_reduce_sum(x) for x in (exact, f1, count))
     return {"exact_match": exact / max(count, 1), "token_f1": f1 / max(count, 1)}, examples

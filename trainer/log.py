@@ -128,11 +128,16 @@ def _start_wandb(cfg: LoggerConfig, run_dir: str, run_name: str, config_dict: di
         return None
     import wandb
 
+    from trainer.config.frozen import redact_argv
+
     id_path = os.path.join(run_dir, WANDB_ID_FILE)
     run_id = open(id_path).read().strip() if os.path.exists(id_path) else _new_wandb_id()
     with open(id_path, "w") as fh:
         fh.write(run_id)
-    # The key is read by wandb from WANDB_API_KEY itself; it is never passed through our config or logs.
+    # The key is read by wandb from WANDB_API_KEY itself; it is never passed through our config or logs. W&B records
+    # the command line (sys.argv, read whenever it serialises its settings), so a secret given as an override is
+    # redacted there for the rest of this process: Hydra has parsed the command line by now.
+    sys.argv[:] = redact_argv(sys.argv)
     return wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.wandb.group,
                       tags=list(cfg.wandb.tags), name=run_name, id=run_id, resume="allow", mode=cfg.wandb.mode,
                       dir=run_dir, config=config_dict)

@@ -27,6 +27,7 @@ def preflight(config: Config, files: bool = True) -> None:
     files may be copied in before the job starts); the architecture's config.json is still read."""
     if files:
         check_model_files(config.model)
+        check_model_weights(config.model)
         check_tokenizer_files(config.model)
     check_attention_available(config.model)
     if config.peft.name != "none":
@@ -46,6 +47,63 @@ def check_model_files(cfg: ModelConfig) -> None:
     if cfg.init != "random" and not any(name.endswith(WEIGHT_SUFFIXES) for name in names):
         raise ConfigError("model.path", f"{cfg.path!r} holds no weights (*.safetensors or *.bin); "
                           "use model.init=random to start from fresh weights")
+
+
+def check_model_weights(cfg: ModelConfig) -> None:
+    """The weights model.path holds are whole, agree with its config.json, and (pickles) hold tensors only: each
+    problem is one line naming the file, where transformers would print a traceback from deep inside its loader."""
+    if cfg.init == "random" or not (cfg.path and os.path.isdir(cfg.path)):
+        return
+    from trainer.weights import check_safetensors_files
+
+    check_safetensors_files(cfg.path)
+    names = sorted(os.listdir(cfg.path))
+    if any(name.endswith(".safetensors") for name in names):
+        _check_shapes_against_config(cfg)
+    else:
+        for name in names:
+            if name.endswith(".bin"):
+                _check_pickle_holds_tensors(os.path.join(cfg.path, name))
+
+
+def _check_shapes_against_config(cfg: ModelConfig) -> None:
+    """Every tensor the safetensors headers describe has the shape config.json's architecture gives it."""
+    import json
+    import struct
+
+    shapes = {name: tuple(param.shape) for name, param in _meta_model(cfg).state_dict().items()}
+    for file in sorted(f for f in os.listdir(cfg.path) if f.endswith(".safetensors")):
+        path = os.path.join(cfg.path, file)
+        with open(path, "rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))  # whole: checked just before
+        for name, entry in header.items():
+            wanted = shapes.get(name, shapes.get(name.removeprefix("model.")))
+            if isinstance(entry, dict) and wanted is not None and tuple(entry.get("shape", ())) != wanted:
+                raise ConfigError("model.path", f"{path}: tensor {name} has shape {tuple(entry['shape'])} but "
+                                  f"{os.path.join(cfg.path, 'config.json')} makes it {wanted}; the config.json does "
+                                  "not belong to these weights: use the one they were saved with")
+
+
+def _check_pickle_holds_tensors(path: str) -> None:
+    """A `.bin` is a pickle, which can run any code when loaded: torch's restricted loader (what transformers uses)
+    must accept it. Memory-mapped, so only the pickle's small object stream is read."""
+    import pickle
+
+    import torch
+
+    try:
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            torch.load(path, map_location="cpu", weights_only=True)  # torch's legacy format cannot be mapped
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        detail = " ".join(str(err).split())
+        reason = "it names code to run, not only tensors" if "global" in detail.lower() else "it is not a readable " \
+            "PyTorch weights file"
+        raise ConfigError("model.path", f"{path}: refused to load ({reason}); never load it with weights_only=False "
+                          "unless you made it: use the model's safetensors files, or convert a trusted copy") from None
 
 
 def check_tokenizer_files(cfg: ModelConfig) -> None:

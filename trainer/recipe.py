@@ -112,19 +112,23 @@ class Recipe:
     def train(self) -> dict:
         from trainer.checkpoint import CheckpointManager
         from trainer.metrics import Throughput, peak_memory_bytes
-        from trainer.preemption import PreemptionWatcher
+        from trainer.preemption import watch
 
         cfg = self.config
+        # Installed by the worker (or launcher) at its start; a request that came since then is answered here.
+        self.preemption = watch()
         checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint, self.strategy, log=self.logger.info)
         configured = self._optimizer_settings()
         if checkpoints.resume(cfg.resume, self) is None:
-            self.state.eval_before = self.evaluate(step=0)
+            self.state.eval_before = self._evaluate_unless_preempted(step=0) or {}
         else:
             self._apply_optimizer_settings(configured)
         self.logger.info(f"training {self.total_steps} steps: global batch {cfg.train.global_batch_size} = micro "
                          f"{cfg.train.micro_batch_size} x {self.strategy.world_size} ranks x "
                          f"{self.accumulation_steps} accumulation; {len(self.data.train)} training rows")
-        throughput, status, preemption = Throughput(), "completed", PreemptionWatcher()
+        throughput, status, saved_step = Throughput(), "completed", None
+        # A request during start-up (or the baseline eval) is answered at the first step boundary, so every requeued
+        # run makes progress even when the preemptions come quicker than the start-up.
         while self.state.step < self.total_steps:
             started = time.perf_counter()
             self.freezing.on_step(self.state.step)  # gradual unfreezing (a no-op unless configured)
@@ -144,25 +148,53 @@ class Recipe:
             epoch_ended = step % max(1, self.sampler.steps_per_epoch) == 0
             if (self._every(cfg.eval.every_n_steps, step) or (epoch_ended and cfg.eval.every_epoch)) \
                     and step < self.total_steps:
-                if self._early_stop(self.evaluate(step)):
+                eval_metrics = self._evaluate_unless_preempted(step)
+                if eval_metrics is not None and self._early_stop(eval_metrics):
                     status = "early_stopped"
                     break
-            saved = checkpoints.due(step, epoch_ended) and checkpoints.save(self)
-            if preemption.should_stop(self.strategy):
-                self.logger.info(f"{preemption.signal_name or 'a peer rank signalled'}: stopping at step {step}")
-                if not saved:
-                    checkpoints.save(self)
-                status = "preempted"
+            if checkpoints.due(step, epoch_ended) and checkpoints.save(self):
+                saved_step = step
+            if self.preemption.should_stop(self.strategy):
+                status = self._stop_for_preemption(checkpoints, saved_step)
                 break
-        checkpoints.finish()  # a background save still in flight is committed before the run ends
-        preemption.close()
-        if status in ("preempted", "stopped_nonfinite"):
-            return self._summary(status, {}, None, throughput.steady_tokens_per_second,
-                                 peak_memory_bytes(self.strategy.device))
-        eval_after = self.evaluate(step=self.state.step)
-        final_dir = self.save_final()
+        status, eval_after, final_dir = self._finish(status, checkpoints, saved_step)
         return self._summary(status, eval_after, final_dir, throughput.steady_tokens_per_second,
                              peak_memory_bytes(self.strategy.device))
+
+    def _finish(self, status: str, checkpoints, saved_step: int | None) -> tuple[str, dict, str | None]:
+        """After the loop: the final evaluation (a preemption request stops it and keeps the trained state as a
+        checkpoint) and final/ (a request during that save is absorbed: the run completes, docs/checkpoints.md)."""
+        eval_after = {}
+        if status not in ("preempted", "stopped_nonfinite"):
+            eval_after = self._evaluate_unless_preempted(self.state.step)
+            if eval_after is None:
+                status = self._stop_for_preemption(checkpoints, saved_step)
+        checkpoints.finish()  # a background save still in flight is committed before the run ends
+        if status in ("preempted", "stopped_nonfinite"):
+            return status, {}, None
+        final_dir = self.save_final()
+        if self.preemption.reason:
+            self.logger.info(f"{self.preemption.reason} during the final save: the run is complete, nothing to resume")
+        return status, eval_after, final_dir
+
+    def _evaluate_unless_preempted(self, step: int) -> dict | None:
+        """An evaluation that a preemption request stops between batches (None then): its metrics are dropped and
+        the step boundary right after it saves and stops."""
+        from trainer.preemption import Preempted
+
+        try:
+            return self.evaluate(step, check=lambda: self.preemption.check(self.strategy))
+        except Preempted:
+            self.logger.info(f"{self.preemption.signal_name or 'a peer rank signalled'}: evaluation at step {step} "
+                             "stopped")
+            return None
+
+    def _stop_for_preemption(self, checkpoints, saved_step: int | None) -> str:
+        step = self.state.step
+        self.logger.info(f"{self.preemption.signal_name or 'a peer rank signalled'}: stopping at step {step}")
+        if saved_step != step:
+            checkpoints.save(self)
+        return "preempted"
 
     def _optimizer_settings(self) -> tuple[list, list]:
         """(the scheduler's base LRs, each param group's hyperparameters) as built from this run's config."""
@@ -285,23 +317,26 @@ class Recipe:
         return False
 
     # --------------------------------------------------------------------------------------- evaluation
-    def evaluate(self, step: int) -> dict:
+    def evaluate(self, step: int, check=None) -> dict:
+        """`check()` runs between batches and may raise to stop the evaluation (a preemption request)."""
         from trainer.evaluate import evaluate_loss, generation_metrics
+        from trainer.faults import fault_point
 
+        fault_point(f"eval-{step}")
         cfg = self.config
         metrics = evaluate_loss(self.model, self.data.val, self.strategy, cfg.train.micro_batch_size,
-                                self.tokenizer.pad_token_id, cfg.eval.max_batches)
+                                self.tokenizer.pad_token_id, cfg.eval.max_batches, check=check)
         if self.forgetting_rows:
             from trainer.forgetting import add_increase
 
             kept = evaluate_loss(self.model, self.forgetting_rows, self.strategy, cfg.train.micro_batch_size,
-                                 self.tokenizer.pad_token_id, cfg.eval.max_batches)
+                                 self.tokenizer.pad_token_id, cfg.eval.max_batches, check=check)
             metrics.update(forgetting_loss=kept["loss"], forgetting_perplexity=kept["perplexity"])
             add_increase(metrics, self.state.eval_before or metrics)  # before training: the baseline itself, 0
         if cfg.eval.generate_samples and self.data.val_samples:
             samples = self.data.val_samples[:cfg.eval.generate_samples]
             generated, examples = generation_metrics(self.model, self.tokenizer, samples, self.strategy,
-                                                     cfg.eval.max_new_tokens)
+                                                     cfg.eval.max_new_tokens, check=check)
             metrics.update(generated)
             if examples:
                 self.logger.info(f"sample @ step {step}: {examples[0]['prompt']!r} -> {examples[0]['answer']!r} "
@@ -316,7 +351,9 @@ class Recipe:
     def save_final(self) -> str:
         """final/: a Hugging Face model dir (full fine-tune) or a PEFT adapter dir, with the tokenizer."""
         from trainer.checkpoint import save_final_model
+        from trainer.faults import fault_point
 
+        fault_point("final-save")
         final_dir = os.path.join(self.run_dir, "final")
         save_final_model(self.strategy, self.model, self.tokenizer, final_dir)
         return final_dir

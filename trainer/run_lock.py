@@ -34,8 +34,10 @@ _UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
 def _holder_info(pid: int | None = None) -> dict:
+    from trainer.config.frozen import redact_argv  # a secret given as an override stays out of the lock file
+
     return {"pid": pid or os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "command": " ".join(sys.argv)[:300]}
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "command": " ".join(redact_argv(sys.argv))[:300]}
 
 
 def _read_holder(fd: int) -> dict:

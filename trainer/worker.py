@@ -2,7 +2,8 @@
 rank; by torchrun, the deepspeed launcher or srun for several). It reads the frozen config, never composes.
 
 A failing worker records why in `RUN_DIR/.workers/rank-N.json`, so the launcher can report that worker's
-error (rather than the launcher's own) and exit with its code.
+error (rather than the launcher's own) and exit with its code. Each worker also writes its pid to
+`RUN_DIR/.workers/pid-N`, so the launcher can wait for workers that outlive their torchrun.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import traceback
 from trainer.errors import EXIT_USER_ERROR, UserError
 
 STATUS_DIR = ".workers"
+# Written by the local launcher when it is signalled; workers poll it ($TRAINER_PREEMPT_FILE, trainer/preemption.py).
+PREEMPT_REQUEST = "preempt-request"
+PR_SET_PDEATHSIG = 1
 
 
 def record_failure(run_dir: str, rank: int, exit_code: int, message: str) -> None:
@@ -30,18 +34,71 @@ def read_failures(run_dir: str) -> list[dict]:
         return []
     failures = []
     for name in sorted(os.listdir(directory)):
-        with open(os.path.join(directory, name)) as fh:
-            failures.append(json.load(fh))
+        if name.startswith("rank-") and name.endswith(".json"):
+            with open(os.path.join(directory, name)) as fh:
+                failures.append(json.load(fh))
     return failures
 
 
+def record_pid(run_dir: str, rank: int) -> None:
+    directory = os.path.join(run_dir, STATUS_DIR)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f"pid-{rank}"), "w") as fh:
+        fh.write(str(os.getpid()))
+
+
+def recorded_pids(run_dir: str) -> list[int]:
+    directory = os.path.join(run_dir, STATUS_DIR)
+    pids = []
+    for name in os.listdir(directory) if os.path.isdir(directory) else []:
+        if name.startswith("pid-"):
+            try:
+                with open(os.path.join(directory, name)) as fh:
+                    pids.append(int(fh.read()))
+            except (OSError, ValueError):
+                pass
+    return pids
+
+
+def is_worker_alive(pid: int) -> bool:
+    """The pid is a trainer.worker (not a process that reused the pid) that has not exited (zombies excluded)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            if b"trainer.worker" not in fh.read():
+                return False
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _stop_with_parent() -> None:
+    """SIGTERM (a preemption request: checkpoint and stop) when the process that started this worker dies, even by
+    SIGKILL: torchrun starts workers in sessions of their own and never tells them it is gone, so without this they
+    would train on, unlocked, beside the next job on the run dir (Linux; elsewhere a no-op)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the prctl: nothing would ever signal us
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(argv: list[str]) -> int:
+    from trainer.preemption import watch
+
+    watch()  # first: from here on a preemption signal only sets a flag, whatever the worker is doing
     args = [a for a in argv if not a.startswith("--local_rank")]  # the deepspeed launcher adds --local_rank=N
     if len(args) != 1:
         sys.stderr.write("usage: python -m trainer.worker RUN_DIR\n")
         return EXIT_USER_ERROR
     run_dir = args[0]
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+    record_pid(run_dir, rank)
+    _stop_with_parent()
     from trainer.config.frozen import load_frozen
     from trainer.recipe import run_training
 

@@ -28,6 +28,21 @@ def redact(value: Any) -> Any:
     return value
 
 
+def is_secret_key(key: str) -> bool:
+    """A dotted or plain key whose last part names a credential (api_key, hf_token, password, ...)."""
+    return bool(_SECRET_KEY.search(str(key).rsplit(".", 1)[-1]))
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """A command line with the values of credential-like overrides (`+model.arch.hf_token=...`) replaced: what W&B
+    and the lock file record of the command must not hold what config.yaml hides."""
+    redacted = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        redacted.append(f"{key}={REDACTED}" if eq and value and is_secret_key(key.lstrip("+~")) else arg)
+    return redacted
+
+
 def config_to_dict(config: Config) -> dict:
     return redact(asdict(config))
 

@@ -134,4 +134,4 @@ class PrefixTuningConfig:
 
     def __post_init__(self) -> None:
         require(self.num_virtual_tokens >= 1, "num_virtual_tokens", f"must be >= 1, got {self.num_virtual_tokens}")
-        non_negative(self.encoder_hidden_size, "encoder_hidden_size", "0: the model's hidden size")
+        non_negative(self.encoder_hidden_size, "encoder_hidden_size", "a width", zero="uses the model's hidden size")

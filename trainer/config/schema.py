@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
-from trainer.config.checks import non_negative, one_of, require
+from trainer.config.checks import at_most, non_negative, one_of, require
 from trainer.config.peft_schema import (  # the `peft` group's options
     DoraConfig,
     IA3Config,
@@ -26,6 +26,12 @@ from trainer.config.peft_schema import (  # the `peft` group's options
 )
 from trainer.config.slurm_schema import SlurmLauncherConfig  # the `slurm` launcher option
 from trainer.errors import ConfigError
+
+# Upper bounds that only a slipped digit reaches: refused before anything is allocated rather than a run that plans
+# an LR schedule over 10^11 steps or a model asked for a context no model has.
+MAX_STEPS_LIMIT = 10**9
+MAX_EPOCHS_LIMIT = 10**6
+MAX_SEQ_LEN_LIMIT = 2**24
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -166,6 +172,8 @@ class DataConfig:
                  "to train on (sum < 1)")
         require(self.max_seq_len is None or self.max_seq_len >= 8, "max_seq_len",
                  f"must be >= 8 tokens (or null: the model's context length, at most 2048), got {self.max_seq_len}")
+        if self.max_seq_len is not None:
+            at_most(self.max_seq_len, MAX_SEQ_LEN_LIMIT, "max_seq_len", "tokens: longer than any model's context")
         non_negative(self.max_samples, "max_samples")
         formats = {self.format}
         for i, source in enumerate(self.sources):
@@ -313,7 +321,7 @@ class OptimConfig:
         one_of(self.name, OPTIMIZERS, "name")
         require(self.lr is None or self.lr > 0, "lr",
                  f"must be > 0 (or null: the PEFT method's default), got {self.lr}")
-        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        non_negative(self.weight_decay, "weight_decay", "a decay factor", zero="turns it off")
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
         one_of(self.scheduler, SCHEDULERS, "scheduler")
         require(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
@@ -338,7 +346,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         one_of(self.nonfinite, ("stop", "skip"), "nonfinite")
-        non_negative(self.max_steps, "max_steps", "optimizer steps")
+        non_negative(self.max_steps, "max_steps", "optimizer steps", zero="derives them from epochs")
+        at_most(self.max_steps, MAX_STEPS_LIMIT, "max_steps", "optimizer steps: decades at a millisecond each")
+        at_most(self.epochs, MAX_EPOCHS_LIMIT, "epochs", "passes over the data")
         require(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
         require(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
         require(self.global_batch_size >= 1, "global_batch_size", f"must be >= 1, got {self.global_batch_size}")
@@ -384,7 +394,7 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         non_negative(self.every_n_steps, "every_n_steps", "steps")
         non_negative(self.every_n_minutes, "every_n_minutes", "minutes")
-        non_negative(self.keep_last, "keep_last", "checkpoints; 0 keeps all")
+        non_negative(self.keep_last, "keep_last", "committed checkpoints to keep", zero="keeps all")
 
 
 @dataclass

@@ -57,10 +57,14 @@ def validate_sections(cfg: Any, sections: tuple[str, ...]) -> dict[str, Any]:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from trainer.config.checks import finite_floats
+
     typed: dict[str, Any] = {}
     for section in sections:
         try:
             typed[section] = OmegaConf.to_object(cfg[section])
+            _refuse_unknown_keys(cfg[section], typed[section], "", section)
+            finite_floats(typed[section], "")
         except ConfigError as err:
             raise err.under(section) from None
         except OmegaConfBaseException as err:
@@ -69,6 +73,31 @@ def validate_sections(cfg: Any, sections: tuple[str, ...]) -> dict[str, Any]:
                 raise cause.under(section) from None
             raise _omegaconf_error_to_config_error(err, section) from None
     return typed
+
+
+def _refuse_unknown_keys(node: Any, typed: Any, key: str, section: str) -> None:
+    """Keys that Hydra's '+' added where the schema has no field (`+train.max_stepz=3`): OmegaConf drops them when it
+    builds the dataclass, so the run would silently ignore them. Free-form sections (plain dicts) take any key."""
+    import dataclasses
+
+    from omegaconf import DictConfig
+
+    from trainer.config.frozen import is_secret_key
+    from trainer.config.suggest import suggest_key
+
+    if not dataclasses.is_dataclass(typed) or not isinstance(node, DictConfig):
+        return
+    fields = {f.name for f in dataclasses.fields(typed)}
+    for name in node.keys():
+        dotted = f"{key}.{name}" if key else str(name)  # under the section: the caller adds it
+        if name not in fields and is_secret_key(str(name)):
+            raise ConfigError(dotted, "credentials are not config keys (the command line is recorded in shell history, "
+                              "process lists and W&B): set them in the environment, e.g. WANDB_API_KEY or HF_TOKEN")
+        if name not in fields:
+            close = suggest_key(f"{section}.{dotted}")
+            hint = f"did you mean {close}? " if close else ""
+            raise ConfigError(dotted, f"unknown key; {hint}(`trainer train --cfg job` lists the keys that exist)")
+        _refuse_unknown_keys(node[name], getattr(typed, name), dotted, section)
 
 
 def check_cross_group(config: Config) -> None:

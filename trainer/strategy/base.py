@@ -107,7 +107,11 @@ class StrategyBase:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # The metadata file is a pickle: read it with an unpickler that only builds DCP's own metadata types.
-            dcp.load(state, storage_reader=SafeFileSystemReader(directory))
+            reader = SafeFileSystemReader(directory)
+            # Read here first (it is read once, then reused): a refused metadata pickle is then this rank's one-line
+            # UserError, not an exception DCP gathers from every rank into a CheckpointException of tracebacks.
+            reader.read_metadata()
+            dcp.load(state, storage_reader=reader)
         # strict=False: the checkpoint holds only trainable weights (LoRA adapters), so the frozen base weights are
         # "missing" by design; dcp.load above already failed on any trainable key the checkpoint lacks.
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],

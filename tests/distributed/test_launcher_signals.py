@@ -1,0 +1,49 @@
+"""Signals to `trainer train` or to its torchrun on a 2-rank run: the workers always checkpoint and stop, nothing
+outlives the job, and the launcher (while alive) exits 85 with one line, without torchrun's traceback.
+
+About 1 minute per case on a shared 2-core box (each is a 2-rank gloo run stopped after a step or two).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import read_summary
+from tests.signals import agent_pid, assert_none_left, processes_of, start, wait_for_step
+
+pytestmark = pytest.mark.distributed
+
+ARGS = ("strategy=ddp", "launcher.nproc_per_node=2", "train.max_steps=40", "train.micro_batch_size=4",
+        "train.global_batch_size=8", "eval.max_batches=1", "eval.generate_samples=0", "logger.progress=false",
+        "logger.plot=false")
+
+
+def _committed(run_dir: Path) -> list[int]:
+    return sorted(int(p.parent.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*/COMMITTED"))
+
+
+@pytest.mark.parametrize("target, sig", [("launcher", signal.SIGTERM), ("launcher", signal.SIGUSR1),
+                                         ("launcher", signal.SIGKILL), ("torchrun", signal.SIGKILL),
+                                         ("torchrun", signal.SIGUSR1)])
+def test_workers_checkpoint_and_stop_and_nothing_survives(target, sig, tmp_path):
+    run_dir = tmp_path / "run"
+    job = start(["train", f"run.dir={run_dir}", *ARGS], tmp_path / "out.log")
+    wait_for_step(run_dir, 1, job)
+    pid = job.pid if target == "launcher" else agent_pid(run_dir)
+    os.kill(pid, sig)
+    _, stderr = job.communicate(timeout=600)
+    assert_none_left(run_dir)
+    summary = read_summary(run_dir)
+    assert summary["status"] == "preempted" and _committed(run_dir)[-1] == summary["steps"] < 40, summary
+    assert "Traceback" not in stderr and "ChildFailedError" not in stderr, stderr[-3000:]
+    if target == "launcher" and sig == signal.SIGKILL:
+        assert job.returncode == -signal.SIGKILL
+        return
+    assert job.returncode == 85, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("trainer: preempted at step") and "run the same command again" in last, stderr[-2000:]
+    assert not processes_of(run_dir)

@@ -1,0 +1,27 @@
+"""Config mistakes that used to pass silently or with an unhelpful message: each is one line naming the key and
+what to do, exit 2, through the real CLI, before a run dir exists. About 1 minute."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import assert_one_line_error, run_cli
+
+CASES = {
+    "unquoted non-ASCII path": ("data.path=/data/ü.jsonl", ["data.path", "quote it", "'data.path=\"/data/ü.jsonl\"'"]),
+    "a '+' key the schema lacks": ("+train.max_stepz=3", ["train.max_stepz", "did you mean train.max_steps?"]),
+    "infinite lr": ("optim.lr=inf", ["optim.lr", "finite"]),
+    "NaN weight decay": ("optim.weight_decay=nan", ["optim.weight_decay", "finite"]),
+    "absurd max_steps": ("train.max_steps=100000000000", ["train.max_steps", "more than 1,000,000,000"]),
+    "absurd max_seq_len": ("data.max_seq_len=100000000", ["data.max_seq_len", "more than 16,777,216"]),
+    "negative keep_last": ("checkpoint.keep_last=-1", ["checkpoint.keep_last", "0 keeps all"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_refused_in_one_line(case, tmp_path):
+    override, fragments = CASES[case]
+    result = run_cli("train", f"run.dir={tmp_path / 'run'}", override)
+    assert_one_line_error(result, *fragments)
+    assert "disables" not in result.stderr  # keep_last's message once said "0 keeps all; 0 disables"
+    assert not (tmp_path / "run").exists()
