@@ -12,6 +12,11 @@ from __future__ import annotations
 # logit in bf16), against 6.9 GiB for 4096 unchunked tokens; each chunk is still a large matmul (256 x h x V).
 DEFAULT_CHUNK_TOKENS = 256
 OBJECTIVES = ("sft",)
+# Families whose causal-LM forward is `lm_head(final hidden states)`, plus Gemma 2's final logit soft-capping, which
+# the chunks apply themselves. Others (logit scaling in Cohere/Granite, remote code) keep their own forward and the
+# unchunked loss; the planner (trainer/plan/) counts them that way too.
+CHUNKABLE_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+                         "phi3")
 FUSED_KERNELS = ("auto", "none")
 
 

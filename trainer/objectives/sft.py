@@ -12,12 +12,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 
+from trainer.objectives import CHUNKABLE_MODEL_TYPES
 from trainer.objectives.chunked_ce import chunked_cross_entropy_sum, next_token_labels, token_loss_sum
-
-# Families whose causal-LM forward is `lm_head(final hidden states)`, plus Gemma 2's final logit soft-capping, which
-# the chunks apply themselves. Others (logit scaling in Cohere/Granite, remote code) keep their own forward.
-CHUNKABLE_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
-                         "phi3")
 
 
 class SFTObjective:
