@@ -2,7 +2,7 @@
 
 The unchunked loss (`token_loss_sum`) projects every position onto the vocabulary at once: with a 128k-256k
 vocabulary the b x s x V logits, their fp32 upcast, the log-softmax kept for backward and its gradients are the
-largest tensors of a fine-tuning step (14 bytes per logit in bf16: 6.9 GiB for 4096 tokens of Llama-3.1).
+largest tensors of a fine-tuning step (12-14 bytes per logit: 6-7 GiB for 4096 tokens of Llama-3.1).
 `chunked_cross_entropy_sum` runs lm_head and the loss over `chunk_tokens` positions at a time, each chunk under
 non-reentrant activation checkpointing: the forward keeps only the chunk's scalar loss, and backward recomputes
 one chunk's logits at a time. The terms and their sum are the unchunked loss's (up to the order of fp32 additions).

@@ -38,13 +38,14 @@ With full activation checkpointing (one checkpoint per decoder layer) only each 
 activations are added once.
 
 The logits are separate (``logits_bytes``). The loss upcasts logits to fp32 and log-softmax keeps an fp32 result; the
-peak comes at the start of backward, when the 16-bit logits (still referenced), that fp32 result, the fp32 gradient
-nll_loss hands back and the fp32 gradient log-softmax returns are alive together: ``(c + 12)`` bytes per logit (16 in
-fp32 training; +c for gemma2's final logit soft-capping). Unchunked, that is b*s*V logits: for 128k-256k vocabularies
+peak comes at the start of backward, when that fp32 result, the fp32 gradient nll_loss hands back and the fp32 gradient
+log-softmax returns are alive together: 12 bytes per logit (+c for gemma2's final logit soft-capping, whose tanh output
+is kept). The model's own 16-bit logits are no longer referenced by then: the objective returns only the loss (an
+earlier recipe kept them alive through backward: c + 12). Unchunked, that is b*s*V logits: for 128k-256k vocabularies
 more than all the checkpointed layer inputs together. The trainer's loss (trainer/objectives/) runs lm_head and the
 cross-entropy over ``chunk_tokens`` positions at a time and recomputes each chunk in backward, so only one chunk's
-logits exist at a time: ``chunk_tokens*V*(c + 12)``; it keeps the final hidden states for the recomputation instead
-(``c*h`` per token, counted in ``head_activation_bytes``). Measured on CPU with torch's allocation events
+logits exist at a time: ``chunk_tokens*V*12``; it keeps the final hidden states for the recomputation instead (``c*h``
+per token, counted in ``head_activation_bytes``). Measured on CPU with torch's allocation events
 (tests/integration/test_plan_vs_measured.py).
 """
 
@@ -229,11 +230,11 @@ def model_activation_bytes(
 
 
 def logits_bytes(params: ParamCount, seq_len: int, micro_batch: int, setting: ActivationSetting) -> int:
-    """Peak at the loss, reached as backward starts (of the whole loss, or of one recomputed chunk): the logits
-    (c bytes), the fp32 log-softmax output kept for backward, the fp32 gradient nll_loss returns for it and the fp32
-    gradient log-softmax returns (the fp32 upcast of the forward, c + 8 in all, is gone by then)."""
+    """Peak at the loss, reached as backward starts (of the whole loss, or of one recomputed chunk): the fp32
+    log-softmax output kept for backward, the fp32 gradient nll_loss returns for it and the fp32 gradient log-softmax
+    returns. The 16-bit logits and their fp32 upcast are gone by then (trainer/objectives/ returns only the loss)."""
     c = setting.compute_bytes
-    per_logit = c + 3 * FP32_BYTES
+    per_logit = 3 * FP32_BYTES
     if params.final_logit_softcapping:
         per_logit += c  # tanh output of the soft-capping, kept for backward
     tokens = seq_len * micro_batch
