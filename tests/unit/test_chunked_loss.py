@@ -181,3 +181,23 @@ def test_evaluation_uses_the_objective():
     unchunked = evaluate_loss(model, rows, strategy, 2, 0)
     assert calls  # the chunked path ran
     assert chunked["loss"] == pytest.approx(unchunked["loss"], rel=REL)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_liger_fused_loss_equals_the_chunked_one_on_cuda():
+    """On CUDA with liger_kernel installed, objective.fused_kernel=auto takes Liger's fused linear cross-entropy for
+    a plain lm_head; its loss and lm_head gradient equal the chunked path's (fp32)."""
+    pytest.importorskip("liger_kernel")
+    model = tiny_model("gemma-2").cuda()  # soft-capping and tied embeddings: the hardest case for the fused kernel
+    inputs, labels = packed_batch(model.config.vocab_size)
+    inputs, labels = {k: v.cuda() for k, v in inputs.items()}, labels.cuda()
+    fused = SFTObjective(model, 7, "auto", log=lambda message: None)
+    chunked = SFTObjective(model, 7, "none", log=lambda message: None)
+    assert fused.fused is not None and chunked.fused is None
+    expected, expected_grads = loss_and_grads(model, lambda: chunked.loss_sum(model, inputs, labels))
+    loss, grads = loss_and_grads(model, lambda: fused.loss_sum(model, inputs, labels))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    head = "model.embed_tokens.weight"
+    scale = expected_grads[head].abs().max().item()
+    torch.testing.assert_close(grads[head], expected_grads[head], rtol=1e-3, atol=1e-3 * scale)
