@@ -1,4 +1,4 @@
-"""Every benchmark, one after another (`make bench`): strategies, packing, checkpoint I/O. Each compares against
+"""Every benchmark, one after another (`make bench`): strategies, packing, checkpoint I/O, memory. Each compares against
 its own baseline inside its own run; run them on a quiet machine and quote the card or CPU with the figures."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("strategies.py", "packing.py", "checkpoint_io.py")
+BENCHMARKS = ("strategies.py", "packing.py", "checkpoint_io.py", "memory.py")
 
 
 def main() -> int:

@@ -71,7 +71,8 @@ def planner_inputs(config, strategy: str = "auto", precision: str | None = None,
                           optimizer=OPTIMIZER_NAMES.get(config.optim.name, config.optim.name), strategy=strategy,
                           gpus_per_node=world, micro_batch_size=config.train.micro_batch_size,
                           seq_len=config.data.max_seq_len, gradient_checkpointing=config.train.gradient_checkpointing,
-                          attention=config.model.attn_implementation), source
+                          attention=config.model.attn_implementation,
+                          loss_chunk_tokens=config.objective.chunk_tokens), source
     except ValueError as err:
         raise planner_error_to_config_error(err, source) from None
 

@@ -11,19 +11,10 @@ import re
 import string
 from collections import Counter
 
-from trainer.data.encode import IGNORE_INDEX, EncodedSample
+from trainer.data.encode import EncodedSample
 from trainer.data.formats import Sample
 from trainer.data.loader import collate
-
-
-def token_loss_sum(logits, labels):
-    """Sum of next-token cross-entropy over label tokens, in fp32 (logits may be bf16/fp16)."""
-    import torch.nn.functional as F
-
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+from trainer.objectives.chunked_ce import token_loss_sum  # noqa: F401  (the unchunked loss; tests import it here)
 
 
 def _rank_share(items: list, rank: int, world_size: int, batch_size: int) -> list[list]:
@@ -34,9 +25,10 @@ def _rank_share(items: list, rank: int, world_size: int, batch_size: int) -> lis
 
 
 def evaluate_loss(model, rows: list[EncodedSample], strategy, batch_size: int, pad_id: int,
-                  max_batches: int = 0, check=None) -> dict:
-    """`check()` runs before every batch on every rank (the same number of times on each) and may raise to stop
-    the evaluation, e.g. `PreemptionWatcher.check`."""
+                  max_batches: int = 0, objective=None, check=None) -> dict:
+    """Mean token loss and perplexity; `objective` computes the loss as training does (chunked), else unchunked.
+    `check()` runs before every batch on every rank (the same number of times on each) and may raise to stop the
+    evaluation, e.g. `PreemptionWatcher.check`."""
     import torch
 
     if not rows:
@@ -55,10 +47,14 @@ def evaluate_loss(model, rows: list[EncodedSample], strategy, batch_size: int, p
                 padding_batch = not batch_rows  # a rank with nothing left still runs a forward (ranks in lockstep)
                 batch_rows = batch_rows or rows[:1]
                 batch = collate(batch_rows, pad_id).to(strategy.device)
-                with strategy.autocast():
-                    logits = model(**batch.inputs).logits
+                if objective is not None:
+                    batch_loss = objective.loss_sum(model, batch.inputs, batch.labels, strategy.autocast)
+                else:
+                    with strategy.autocast():
+                        logits = model(**batch.inputs).logits
+                    batch_loss = token_loss_sum(logits, batch.labels)
                 if not padding_batch:
-                    loss_sum += float(token_loss_sum(logits, batch.labels))
+                    loss_sum += float(batch_loss)
                     num_tokens += sum(row.num_label_tokens for row in batch_rows)
     finally:
         model.train(was_training)

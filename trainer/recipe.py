@@ -71,6 +71,9 @@ class Recipe:
         epoch_steps = math.ceil(config.train.epochs * self.sampler.steps_per_epoch)
         self.total_steps = config.train.max_steps or max(1, epoch_steps)
         self.model, self.optimizer, self.scheduler = self._build_model()
+        from trainer.objectives import build_objective
+
+        self.objective = build_objective(config.objective, self.strategy.unwrap(self.model), log=self.logger.info)
         self.state = TrainState()
         self.state_bytes: dict | None = None  # this rank's parameter/gradient/optimizer bytes after step 1
 
@@ -222,7 +225,6 @@ class Recipe:
         import torch
 
         from trainer.data.loader import collate, local_microbatches
-        from trainer.evaluate import token_loss_sum
 
         cfg, strategy = self.config, self.strategy
         global_indices = self.sampler.next_global_batch()
@@ -241,9 +243,7 @@ class Recipe:
             batch = collate(batch_rows, self.tokenizer.pad_token_id, cfg.model.attn_implementation).to(strategy.device)
             num_tokens += batch.num_tokens
             with strategy.microbatch(self.model, is_last=index == len(micro_batches) - 1):
-                with strategy.autocast():
-                    logits = self.model(**batch.inputs).logits
-                micro_loss_sum = token_loss_sum(logits, batch.labels)
+                micro_loss_sum = self.objective.loss_sum(self.model, batch.inputs, batch.labels, strategy.autocast)
                 router = self.router_loss.pop(batch.token_mask) if self.router_loss else 0.0
                 micro_loss = micro_loss_sum / num_label_tokens + router * router_share
                 strategy.backward(micro_loss * strategy.loss_multiplier)
@@ -325,12 +325,12 @@ class Recipe:
         fault_point(f"eval-{step}")
         cfg = self.config
         metrics = evaluate_loss(self.model, self.data.val, self.strategy, cfg.train.micro_batch_size,
-                                self.tokenizer.pad_token_id, cfg.eval.max_batches, check=check)
+                                self.tokenizer.pad_token_id, cfg.eval.max_batches, self.objective, check=check)
         if self.forgetting_rows:
             from trainer.forgetting import add_increase
 
             kept = evaluate_loss(self.model, self.forgetting_rows, self.strategy, cfg.train.micro_batch_size,
-                                 self.tokenizer.pad_token_id, cfg.eval.max_batches, check=check)
+                                 self.tokenizer.pad_token_id, cfg.eval.max_batches, self.objective, check=check)
             metrics.update(forgetting_loss=kept["loss"], forgetting_perplexity=kept["perplexity"])
             add_increase(metrics, self.state.eval_before or metrics)  # before training: the baseline itself, 0
         if cfg.eval.generate_samples and self.data.val_samples:

@@ -24,6 +24,11 @@ Figures (torch 2.13 CPU, 2-core machine; predicted / measured MB, deviation of t
             single/QLoRA 8.33/8.29 (+0.6%: the NF4 block scales are not parameters, so summary.json misses them)
     peak:   single/full 208.6/202.4 (+3.1%), single/LoRA 145.2/149.6 (-2.9%), single/QLoRA 175.8/180.9 (-2.8%),
             fsdp/full 157.7/153.3 (+2.9%), zero3/full 157.7/167.0 (-5.5%), single/QLoRA built directly 175.8/173.1
+    since the chunked loss and QLoRA's bf16 remainder (docs/memory-planning.md, section 7):
+            single/full 182.9/181.3, single/LoRA 120.1/134.3 (-10.6%), single/QLoRA 115.7/130.0 (-10.9%: with the
+            logits down to one chunk, the peak moves into the backward of the unchecked layers, whose gradient
+            tensors the planner leaves to its margin), direct QLoRA (peft recipe) 171.6/173.2, replica-128k LoRA
+            431.7/432.3, unchunked 825.7/823.2, QLoRA 431.6/432.2
 What the planner leaves out here: the packed rows' attention mask, which SDPA converts to a bf16 bias in every
 layer and keeps for backward (b*s*s*2 bytes per layer: 4.1 MB); under ZeRO-3, parameters below
 stage3_param_persistence_threshold kept whole on every rank (1.6 MB: the tiny model's attention weights) and a
@@ -53,18 +58,30 @@ TOLERANCE = 0.15  # the issue's bound on predicted vs measured peak memory
 STATE_TOLERANCE = 0.02  # model states are exact layouts: anything above this is a modelling error
 TINY = REPO / "trainer" / "assets" / "tiny-llama"
 MICRO_BATCH, SEQ_LEN = 8, 256
-COMMON = ("train.precision=bf16", f"train.micro_batch_size={MICRO_BATCH}", f"data.max_seq_len={SEQ_LEN}",
-          "train.gradient_checkpointing=false")
+COMMON = ("train.precision=bf16", f"data.max_seq_len={SEQ_LEN}", "train.gradient_checkpointing=false")
 QUICK_RUN = ("train.max_steps=1", "eval.max_batches=1", "eval.generate_samples=0", "logger.progress=false",
              "logger.plot=false", "checkpoint.every_n_steps=0")
-# name -> (ranks, overrides)
+# A shrunken Llama-3.1 with its real 128,256-token vocabulary (trainer/replicas.py: 2 layers of width 64), where the
+# logits are most of a step: unchunked, 12 bytes per logit x 512 tokens x 128k = 0.8 GB against 0.1 GB for the rest.
+REPLICA_MICRO_BATCH = 2
+# name -> (ranks, overrides); the replica cases read their model from the `replica` fixture
 CASES = {
     "single/full": (1, ("strategy=single", "peft=none")),
     "single/lora": (1, ("strategy=single", "peft=lora", "peft.dropout=0")),
     "single/qlora": (1, ("strategy=single", "peft=qlora", "peft.dropout=0")),
     "fsdp/full": (2, ("strategy=fsdp", "peft=none")),
     "zero3/full": (2, ("strategy=zero3", "peft=none")),
+    "replica-128k/lora": (1, ("strategy=single", "peft=lora", "peft.dropout=0")),
+    "replica-128k/lora-unchunked": (1, ("strategy=single", "peft=lora", "peft.dropout=0", "objective.chunk_tokens=0")),
+    "replica-128k/qlora": (1, ("strategy=single", "peft=qlora", "peft.dropout=0")),
 }
+
+
+@pytest.fixture(scope="module")
+def replica(tmp_path_factory) -> Path:
+    from trainer.replicas import build_replica
+
+    return build_replica("llama-3.1", tmp_path_factory.mktemp("replica") / "llama-3.1")
 
 
 def case_params():
@@ -73,15 +90,22 @@ def case_params():
         yield pytest.param(name, marks=marks, id=name.replace("/", "-"))
 
 
-def overrides_of(name: str) -> tuple[str, ...]:
+def micro_batch_of(name: str) -> int:
+    return REPLICA_MICRO_BATCH if name.startswith("replica") else MICRO_BATCH
+
+
+def overrides_of(name: str, replica: Path | None = None) -> tuple[str, ...]:
     ranks, overrides = CASES[name]
-    global_batch = MICRO_BATCH * ranks  # one micro batch per rank and step
-    return (*overrides, *COMMON, f"launcher.nproc_per_node={ranks}", f"train.global_batch_size={global_batch}")
+    micro_batch = micro_batch_of(name)
+    model = (f"model.path={replica}",) if name.startswith("replica") else ()
+    global_batch = micro_batch * ranks  # one micro batch per rank and step
+    return (*overrides, *model, *COMMON, f"train.micro_batch_size={micro_batch}", f"launcher.nproc_per_node={ranks}",
+            f"train.global_batch_size={global_batch}")
 
 
-def predicted(name: str) -> dict:
+def predicted(name: str, replica: Path | None = None) -> dict:
     """`trainer plan --json` for the case's overrides: the configured run's estimate."""
-    result = run_cli("plan", "--json", *overrides_of(name), "hardware.gpu_memory_gb=80", timeout=60)
+    result = run_cli("plan", "--json", *overrides_of(name, replica), "hardware.gpu_memory_gb=80", timeout=60)
     assert result.returncode == 0, result.stderr
     configured = json.loads(result.stdout)["configured"]
     assert configured["world_size"] == CASES[name][0]
@@ -101,15 +125,16 @@ def deviation(prediction: float, measurement: float) -> str:
 
 
 @pytest.mark.parametrize("name", list(case_params()))
-def test_model_states_match_the_cli_summary(name, tmp_path):
+def test_model_states_match_the_cli_summary(name, tmp_path, request):
     """Comparison 1 (module docstring): summary.json's per-rank model states against the planner's."""
     ranks, _ = CASES[name]
-    result = run_cli("train", f"run.dir={tmp_path / 'run'}", *overrides_of(name), *QUICK_RUN, timeout=900)
+    replica = request.getfixturevalue("replica") if name.startswith("replica") else None
+    result = run_cli("train", f"run.dir={tmp_path / 'run'}", *overrides_of(name, replica), *QUICK_RUN, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     summary = read_summary(tmp_path / "run")
     assert summary["world_size"] == ranks
     measured = sum(summary["model_state_bytes_per_rank"].values())
-    prediction = planned_states(predicted(name))
+    prediction = planned_states(predicted(name, replica))
     print(f"{name} states: {deviation(prediction, measured)}")
     assert prediction == pytest.approx(measured, rel=STATE_TOLERANCE), deviation(prediction, measured)
 
@@ -131,13 +156,16 @@ def run_probe(run_dir: Path, overrides: tuple[str, ...], ranks: int) -> list[dic
 
 
 @pytest.mark.parametrize("name", list(case_params()))
-def test_step_peak_matches_the_plan(name, tmp_path):
+def test_step_peak_matches_the_plan(name, tmp_path, request):
     """Comparison 2 (module docstring): the tracked-allocation peak of a real training step, on every rank."""
-    configured = predicted(name)
+    replica = request.getfixturevalue("replica") if name.startswith("replica") else None
+    configured = predicted(name, replica)
     prediction = configured["bytes_per_gpu"]["total"] - configured["bytes_per_gpu"]["margin"]
-    for rank in run_probe(tmp_path / "run", overrides_of(name), CASES[name][0]):
+    if name.endswith("unchunked"):  # the case is there for the logits: unchunked they are most of the step
+        assert configured["bytes_per_gpu"]["logits"] / prediction > 0.5
+    for rank in run_probe(tmp_path / "run", overrides_of(name, replica), CASES[name][0]):
         (batch, seq_len), = rank["batch_shapes"]
-        assert batch == MICRO_BATCH and 0.9 * SEQ_LEN <= seq_len <= SEQ_LEN  # packed rows: nearly full
+        assert batch == micro_batch_of(name) and 0.9 * SEQ_LEN <= seq_len <= SEQ_LEN  # packed rows: nearly full
         bucket = 2 * rank["deepspeed_reduce_bucket_elements"]  # bf16
         measured = rank["peak"] - bucket
         # What is alive before the step is the model state (and DeepSpeed's bucket): nothing else leaks in. ZeRO-3
@@ -157,11 +185,12 @@ def _grads_freed_between_steps(name: str, rank: dict) -> int:
 
 @pytest.mark.filterwarnings("ignore")
 def test_qlora_step_measured_directly(tmp_path):
-    """single/QLoRA without the trainer, built the way trainer/model.py builds it: the tiny model loaded in NF4
-    (double quantisation) by bitsandbytes on CPU, peft's prepare_model_for_kbit_training (unquantised weights to
-    fp32), LoRA r=16 on all linear layers (fp32 adapters, dropout 0), AdamW, one bf16-autocast step on a batch of
-    8 x 256 tokens with the recipe's loss, measured as in comparison 2 against `trainer.plan` for single + qlora.
-    It checks QLoRA without the trainer's own loading code in between."""
+    """single/QLoRA without the trainer, built the usual Hugging Face way: the tiny model loaded in NF4 (double
+    quantisation) by bitsandbytes on CPU, peft's prepare_model_for_kbit_training (unquantised weights to fp32), LoRA
+    r=16 on all linear layers (fp32 adapters, dropout 0), AdamW, one bf16-autocast step on a batch of 8 x 256 tokens
+    with the unchunked loss, measured as in comparison 2 against `trainer.plan` for single + qlora planned as that
+    recipe (upcast_unquantized, loss_chunk_tokens=0). It checks the planner's model of QLoRA without the trainer's
+    own loading code in between (and of the baseline benchmarks/memory.py compares with)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
@@ -192,7 +221,8 @@ def test_qlora_step_measured_directly(tmp_path):
 
     measured = measure_step(step)["peak"]
     estimate = estimate_memory(PlanInputs(load_arch(TINY), peft_method="qlora", lora_r=16, precision="bf16",
-                                          micro_batch_size=MICRO_BATCH, seq_len=SEQ_LEN, gradient_checkpointing=False))
+                                          micro_batch_size=MICRO_BATCH, seq_len=SEQ_LEN, gradient_checkpointing=False,
+                                          upcast_unquantized=True, loss_chunk_tokens=0))
     assert estimate.trainable.total == sum(p.numel() for p in trainable)
     prediction = estimate.total - estimate.margin
     print(f"single/qlora (direct) peak: {deviation(prediction, measured)}")

@@ -166,6 +166,35 @@ def test_checkpointing_keeps_layer_inputs_plus_one_layer():
     assert logits_bytes(params, 4096, 2, setting) > 32 * 2 * 4096 * 2 * 4096
 
 
+def test_chunked_loss_keeps_one_chunk_of_logits():
+    """The trainer's loss (trainer/objectives/) holds chunk_tokens x V logits, not b x s x V; objective.chunk_tokens=0,
+    prompt tuning and families the trainer does not chunk are planned unchunked, as they train."""
+    params = count_parameters(arch("llama-3.1-8b"))
+    chunked = estimate_memory(PlanInputs(arch("llama-3.1-8b"), peft_method="lora", micro_batch_size=2))
+    unchunked = estimate_memory(PlanInputs(arch("llama-3.1-8b"), peft_method="lora", micro_batch_size=2,
+                                           loss_chunk_tokens=0))
+    assert unchunked.logits == 12 * 2 * 2048 * params.vocab_size  # 3 fp32 tensors of the logits' size
+    assert chunked.logits == 12 * 256 * params.vocab_size  # the default chunk
+    # the chunks recompute from the final hidden states, which are kept instead (bf16, b x s x h)
+    assert chunked.activations - unchunked.activations == 2 * 2 * 2048 * params.hidden_size
+    prompt = estimate_memory(PlanInputs(arch("llama-3.1-8b"), peft_method="prompt_tuning", micro_batch_size=2))
+    assert prompt.logits == 12 * 2 * (2048 + 20) * params.vocab_size
+    small = estimate_memory(PlanInputs(arch("llama-3.1-8b"), peft_method="lora", micro_batch_size=1, seq_len=128))
+    assert small.logits == 12 * 128 * params.vocab_size  # never more than the tokens there are
+
+
+def test_qlora_keeps_the_unquantised_weights_in_the_compute_dtype():
+    """trainer/model.py does not upcast embeddings, norms and lm_head (peft's k-bit preparation would): 2 bytes per
+    unquantised weight instead of 4, and 16-bit activations; upcast_unquantized plans the peft recipe."""
+    params = count_parameters(arch("llama-3.1-8b"))
+    unquantised = params.total - params.quantizable
+    ours = estimate_memory(PlanInputs(arch("llama-3.1-8b"), peft_method="qlora"))
+    peft_recipe = estimate_memory(PlanInputs(arch("llama-3.1-8b"), peft_method="qlora", upcast_unquantized=True))
+    assert peft_recipe.weights - ours.weights == 2 * unquantised
+    lora = estimate_memory(PlanInputs(arch("llama-3.1-8b"), peft_method="lora"))
+    assert ours.activations == lora.activations < peft_recipe.activations
+
+
 def test_margin_is_ten_percent_plus_one_gib():
     estimate = estimate_memory(PlanInputs(arch("llama-2-7b"), peft_method="lora"))
     subtotal = estimate.total - estimate.margin

@@ -26,6 +26,7 @@ from trainer.config.peft_schema import (  # the `peft` group's options
 )
 from trainer.config.slurm_schema import SlurmLauncherConfig  # the `slurm` launcher option
 from trainer.errors import ConfigError
+from trainer.objectives import DEFAULT_CHUNK_TOKENS, FUSED_KERNELS, OBJECTIVES
 
 # Upper bounds that only a slipped digit reaches: refused before anything is allocated rather than a run that plans
 # an LR schedule over 10^11 steps or a model asked for a context no model has.
@@ -356,6 +357,22 @@ class TrainConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """What a step optimises (trainer/objectives/)."""
+
+    name: str = "sft"  # sft: next-token cross-entropy over the label tokens
+    # lm_head + cross-entropy over this many tokens at a time, recomputed in backward, so the full b x s x vocab
+    # logits never exist (training and evaluation); 0: the unchunked loss
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    fused_kernel: str = "auto"  # auto: Liger's fused linear cross-entropy on CUDA when liger_kernel is installed | none
+
+    def __post_init__(self) -> None:
+        one_of(self.name, OBJECTIVES, "name")
+        non_negative(self.chunk_tokens, "chunk_tokens", "tokens")
+        one_of(self.fused_kernel, FUSED_KERNELS, "fused_kernel")
+
+
+@dataclass
 class EvalConfig:
     every_n_steps: int = 0  # evaluate on the validation split every N steps (0 disables; always before/after)
     every_epoch: bool = False  # also evaluate at the end of each pass over the training data
@@ -474,6 +491,7 @@ class Config:
     strategy: Any = MISSING
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)

@@ -13,7 +13,7 @@ from trainer.config.schema import Config
 from trainer.errors import ConfigError
 from trainer.remote_code import shipped_code
 
-SECTIONS = ("run", "model", "data", "peft", "strategy", "optim", "train", "eval", "checkpoint", "logger",
+SECTIONS = ("run", "model", "data", "peft", "strategy", "optim", "train", "objective", "eval", "checkpoint", "logger",
             "launcher", "paths", "hardware")
 
 

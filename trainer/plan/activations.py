@@ -29,20 +29,24 @@ it follows their real shapes, and checks it against the tensors autograd actuall
   (2*c*h) and the gated-MLP tensors (4*c*I). LoRA on the experts (transformers 5 / peft 0.21) materialises
   ``W + B@A`` per expert and the grouped matmul keeps it: one 16-bit copy of the layer's expert weights per layer;
 * phi3's fused qkv: v is a view that keeps the whole qkv output, and the attention output is copied for o_proj.
-* QLoRA as trainer/model.py builds it (peft's prepare_model_for_kbit_training keeps norms and embeddings in fp32) under
-  autocast: the residual stream is fp32 and bitsandbytes' 4-bit linears cast their output back to their input's
-  dtype, so the gate/up outputs and the activation are fp32: ``3*4*I`` instead of ``3*c*I`` (``fp32_mlp``).
+* QLoRA as trainer/model.py builds it keeps the unquantised weights (norms, embeddings) in the compute dtype, so its
+  residual stream and MLP tensors are 16-bit like LoRA's (peft's prepare_model_for_kbit_training would upcast them to
+  fp32, which made the residual stream and the gate/up outputs fp32; the trainer no longer calls it).
 
 With full activation checkpointing (one checkpoint per decoder layer) only each layer's input survives the forward,
 ``residual_bytes*s*b*h`` per layer (2*s*b*h in bf16), and backward recomputes one layer at a time, so one layer's full
 activations are added once.
 
-The logits are separate (``logits_bytes``). The loss upcasts the b*s*V logits to fp32 and log-softmax keeps an fp32
-result; the peak comes at the start of backward, when the 16-bit logits (still referenced), that fp32 result, the
-fp32 gradient nll_loss hands back and the fp32 gradient log-softmax returns are alive together: ``b*s*V*(c + 12)``
-bytes (16 in fp32 training; +c for gemma2's final logit soft-capping). Measured on CPU with torch's allocation
-events: 14.0 bytes per logit in bf16, 16.0 in fp32 (tests/integration/test_plan_vs_measured.py). For 128k-256k
-vocabularies this often exceeds all the checkpointed layer inputs together.
+The logits are separate (``logits_bytes``). The loss upcasts logits to fp32 and log-softmax keeps an fp32 result; the
+peak comes at the start of backward, when that fp32 result, the fp32 gradient nll_loss hands back and the fp32 gradient
+log-softmax returns are alive together: 12 bytes per logit (+c for gemma2's final logit soft-capping, whose tanh output
+is kept). The model's own 16-bit logits are no longer referenced by then: the objective returns only the loss (an
+earlier recipe kept them alive through backward: c + 12). Unchunked, that is b*s*V logits: for 128k-256k vocabularies
+more than all the checkpointed layer inputs together. The trainer's loss (trainer/objectives/) runs lm_head and the
+cross-entropy over ``chunk_tokens`` positions at a time and recomputes each chunk in backward, so only one chunk's
+logits exist at a time: ``chunk_tokens*V*12``; it keeps the final hidden states for the recomputation instead (``c*h``
+per token, counted in ``head_activation_bytes``). Measured on CPU with torch's allocation events
+(tests/integration/test_plan_vs_measured.py).
 """
 
 from __future__ import annotations
@@ -78,10 +82,13 @@ class ActivationSetting:
     # fp32 weights at the bottom of the model (full fine-tuning under autocast, or a base kept in fp32) make the
     # residual stream fp32, which is what checkpointed layers then keep as their inputs. None: derive it.
     fp32_residual: bool | None = None
-    # A 4/8-bit base prepared by peft's prepare_model_for_kbit_training (norms and embeddings in fp32) under autocast:
+    # A 4/8-bit base whose unquantised weights are fp32 (peft's prepare_model_for_kbit_training) under autocast:
     # bitsandbytes' linears return their input's dtype, so on the fp32 residual stream the gated MLP's gate and up
-    # outputs, and the activation computed from them, are fp32 (the matmuls still run in the compute dtype).
+    # outputs, and the activation computed from them, are fp32. The trainer keeps them 16-bit (trainer/model.py);
+    # this models the peft recipe (benchmarks/memory.py's baseline).
     fp32_mlp: bool = False
+    # The loss over chunks of this many tokens (trainer/objectives/); 0: unchunked, all b*s logits at once.
+    loss_chunk_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
@@ -197,9 +204,10 @@ def layer_activation_bytes(
 def head_activation_bytes(
     params: ParamCount, trainable: TrainableCount, seq_len: int, micro_batch: int, setting: ActivationSetting
 ) -> int:
-    """Final norm and lm_head input (the lm_head input is kept only when lm_head trains)."""
+    """Final norm and lm_head input (kept when lm_head trains, and always by the chunked loss, which recomputes
+    lm_head from it in backward)."""
     per_token = _norm_bytes(params, trainable, setting) * params.hidden_size
-    if trainable.is_full:
+    if trainable.is_full or setting.loss_chunk_tokens:
         per_token += setting.compute_bytes * params.hidden_size
     return per_token * seq_len * micro_batch
 
@@ -222,11 +230,14 @@ def model_activation_bytes(
 
 
 def logits_bytes(params: ParamCount, seq_len: int, micro_batch: int, setting: ActivationSetting) -> int:
-    """Peak at the loss, reached as backward starts: the logits (c bytes), the fp32 log-softmax output kept for
-    backward, the fp32 gradient nll_loss returns for it and the fp32 gradient log-softmax returns (the fp32 upcast of
-    the forward, c + 8 in all, is gone by then)."""
+    """Peak at the loss, reached as backward starts (of the whole loss, or of one recomputed chunk): the fp32
+    log-softmax output kept for backward, the fp32 gradient nll_loss returns for it and the fp32 gradient log-softmax
+    returns. The 16-bit logits and their fp32 upcast are gone by then (trainer/objectives/ returns only the loss)."""
     c = setting.compute_bytes
-    per_logit = c + 3 * FP32_BYTES
+    per_logit = 3 * FP32_BYTES
     if params.final_logit_softcapping:
         per_logit += c  # tanh output of the soft-capping, kept for backward
-    return per_logit * seq_len * micro_batch * params.vocab_size
+    tokens = seq_len * micro_batch
+    if setting.loss_chunk_tokens:
+        tokens = min(tokens, setting.loss_chunk_tokens)
+    return per_logit * tokens * params.vocab_size

@@ -17,8 +17,9 @@ fp32 training   4 (no master)                      4           o       sharded t
 
 Frozen weights (PEFT bases) keep their storage format (``PlanInputs.resolved_weight_precision``: a float dtype, or
 int8/nf4/fp4 for the decoder-layer linear weights, see ``frozen_weight_bytes``), replicated under
-single/ddp/zero1/zero2 and sharded under fsdp/zero3. What a quantised base leaves unquantised is fp32 outside DeepSpeed
-(``kbit_prepared``: trainer/model.py runs peft's prepare_model_for_kbit_training).
+single/ddp/zero1/zero2 and sharded under fsdp/zero3. What a quantised base leaves unquantised (embeddings, norms,
+lm_head) stays in the compute dtype, as trainer/model.py keeps it; ``upcast_unquantized`` plans the common recipe that
+runs peft's prepare_model_for_kbit_training, which casts those weights to fp32 (``kbit_prepared``).
 
 FSDP2 and ZeRO-3 gather parameters one unit at a time and prefetch the next. Units follow trainer/strategy/fsdp.py:
 each decoder layer, and a root unit (embedding, final norm, lm_head) that stays gathered from the embedding lookup to
@@ -41,6 +42,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from trainer.objectives import CHUNKABLE_MODEL_TYPES, DEFAULT_CHUNK_TOKENS
 from trainer.plan.activations import (
     ATTENTION_IMPLEMENTATIONS,
     ActivationSetting,
@@ -89,6 +91,12 @@ class PlanInputs:
     seq_len: int = 2048
     gradient_checkpointing: bool = True
     attention: str = "sdpa"  # eager | sdpa | flash (flash_attention_2 accepted, as in model.attn_implementation)
+    # The loss over chunks of this many tokens, as trainer/objectives/ computes it (objective.chunk_tokens); 0:
+    # unchunked. Families the trainer does not chunk (and prompt/prefix tuning) are planned unchunked.
+    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    # A quantised base's unquantised weights cast to fp32, as peft's prepare_model_for_kbit_training does (the usual
+    # Hugging Face QLoRA recipe). The trainer keeps them in the compute dtype.
+    upcast_unquantized: bool = False
     margin_fraction: float = 0.10
     margin_bytes: int = GIB
 
@@ -105,6 +113,9 @@ class PlanInputs:
         _check_choice("attention", self.attention, ATTENTION_IMPLEMENTATIONS)
         if self.weight_precision is not None:
             _check_choice("weight_precision", self.weight_precision, WEIGHT_PRECISIONS)
+        chunk = self.loss_chunk_tokens
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+            raise ValueError(f"loss_chunk_tokens must be an integer >= 0 (0: unchunked), got {chunk!r}")
         for key in ("lora_r", "num_virtual_tokens", "nodes", "gpus_per_node", "micro_batch_size", "seq_len"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -258,10 +269,18 @@ def _adapter_params_per_layer(params: ParamCount, trainable: TrainableCount) -> 
 
 
 def kbit_prepared(inputs: PlanInputs) -> bool:
-    """A quantised base as trainer/model.py builds it: peft's prepare_model_for_kbit_training casts every float
-    parameter it leaves unquantised (embeddings, norms, lm_head, MoE experts) to fp32. DeepSpeed builds everything
-    in the compute dtype instead (trainer/model.py casts them back)."""
-    return inputs.resolved_weight_precision in QUANTIZED_WEIGHTS and inputs.strategy not in DEEPSPEED_STRATEGIES
+    """A quantised base prepared by peft's prepare_model_for_kbit_training (``upcast_unquantized``), which casts every
+    float parameter it leaves unquantised (embeddings, norms, lm_head, MoE experts) to fp32. The trainer does not
+    (trainer/model.py); DeepSpeed builds everything in the compute dtype in any case."""
+    return (inputs.upcast_unquantized and inputs.resolved_weight_precision in QUANTIZED_WEIGHTS
+            and inputs.strategy not in DEEPSPEED_STRATEGIES)
+
+
+def effective_loss_chunk_tokens(inputs: PlanInputs, params: ParamCount, trainable: TrainableCount) -> int:
+    """The chunk the trainer's loss really uses: 0 (unchunked) where trainer/objectives/sft.py falls back."""
+    if trainable.method in ("prompt_tuning", "prefix_tuning") or params.model_type not in CHUNKABLE_MODEL_TYPES:
+        return 0
+    return inputs.loss_chunk_tokens
 
 
 def _check_combination(inputs: PlanInputs) -> None:
@@ -301,7 +320,8 @@ def estimate_memory(inputs: PlanInputs) -> MemoryEstimate:
     kbit = kbit_prepared(inputs)
     setting = ActivationSetting(c, inputs.attention, autocast=autocast, lora_dropout=inputs.lora_dropout > 0,
                                 fp32_residual=autocast and (trainable.is_full or fp32_base or kbit),
-                                fp32_mlp=autocast and kbit)
+                                fp32_mlp=autocast and kbit,
+                                loss_chunk_tokens=effective_loss_chunk_tokens(inputs, params, trainable))
     if effective_attention(params, inputs.attention) != inputs.attention:
         notes.append("transformers has no SDPA for gemma2: counted eager attention (set attention=flash to avoid)")
     activations = model_activation_bytes(
@@ -334,7 +354,7 @@ def _model_state_bytes(
     mixed = inputs.precision != "fp32"
     frozen = 0
     if not trainable.is_full:
-        # What a quantised base leaves unquantised (embeddings, norms, lm_head) is fp32 after k-bit preparation.
+        # What a quantised base leaves unquantised (embeddings, norms, lm_head): compute dtype, fp32 if k-bit prepared.
         remainder = 4 if kbit_prepared(inputs) else c
         frozen = frozen_weight_bytes(params, inputs.resolved_weight_precision, remainder, inputs.double_quant)
     t = trainable.total

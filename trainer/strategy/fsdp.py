@@ -42,6 +42,10 @@ class FSDPStrategy(StrategyBase):
         for layer in decoder_layers(model):
             fully_shard(layer, **options)
         fully_shard(model, **options)
+        # The root (embedding, final norm, lm_head) stays gathered from the forward to its backward, as FSDP2 does by
+        # default for a root: the loss (trainer/objectives/) calls lm_head after the model's forward, chunk by chunk,
+        # and backward would gather it again at once. reshard_after_forward applies to the decoder layers.
+        model.set_reshard_after_forward(False, recurse=False)
         self._materialize(model, full_state, buffers)
         del full_state
         return model, build_optimizer(model)

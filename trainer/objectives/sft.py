@@ -1,0 +1,99 @@
+"""Supervised fine-tuning: the sum of next-token cross-entropy over a micro batch's label tokens.
+
+The model body runs as the strategy wrapped it (DDP, FSDP2 and DeepSpeed see their own forward), with transformers'
+`logits_to_keep` set to no position, so lm_head projects nothing there; the final hidden states are taken from the
+decoder's output and the loss is computed from them in chunks (chunked_ce.py), or, on CUDA with Liger installed and a
+plain lm_head, by Liger's fused linear cross-entropy. Models where that is not the same computation as their own
+forward fall back to the unchunked loss, with the reason logged once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+from trainer.objectives import CHUNKABLE_MODEL_TYPES
+from trainer.objectives.chunked_ce import chunked_cross_entropy_sum, next_token_labels, token_loss_sum
+
+
+class SFTObjective:
+    def __init__(self, model, chunk_tokens: int, fused_kernel: str = "auto", log=print):
+        """`model`: the unwrapped model (PEFT or transformers), to find its decoder and lm_head once."""
+        self.chunk_tokens = chunk_tokens
+        self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.unchunked_reason = self._unchunked_reason(model)
+        self.softcap = getattr(self.base.config, "final_logit_softcapping", None)
+        self.fused = None if self.unchunked_reason else _liger_loss(self.base, fused_kernel, self.softcap)
+        log(f"loss: {self.describe()}")
+
+    def describe(self) -> str:
+        if self.unchunked_reason:
+            return f"unchunked cross-entropy ({self.unchunked_reason})"
+        if self.fused is not None:
+            return "Liger fused linear cross-entropy"
+        return f"cross-entropy over chunks of {self.chunk_tokens} tokens (the full logits are never materialised)"
+
+    def _unchunked_reason(self, model) -> str | None:
+        if self.chunk_tokens == 0:
+            return "objective.chunk_tokens=0"
+        config = getattr(model, "active_peft_config", None)
+        if config is not None and getattr(config, "is_prompt_learning", False):
+            return "prompt/prefix tuning adds virtual tokens in PEFT's own forward"
+        model_type = getattr(self.base.config, "model_type", None)
+        if model_type not in CHUNKABLE_MODEL_TYPES:
+            return f"model_type {model_type!r} may do more than lm_head after its decoder"
+        if "logits_to_keep" not in inspect.signature(self.base.forward).parameters:
+            return f"{type(self.base).__name__}.forward has no logits_to_keep"
+        return None
+
+    def loss_sum(self, model, inputs: dict, labels, autocast=contextlib.nullcontext):
+        """Sum of next-token cross-entropy over `labels` != -100, fp32. `model` is what the strategy returned (it
+        runs the forward); `autocast` is the strategy's context, which lm_head runs under as in the model's forward."""
+        if self.unchunked_reason:
+            with autocast():
+                logits = model(**inputs).logits
+            return token_loss_sum(logits, labels)
+        with autocast():
+            hidden = self.final_hidden_states(model, inputs)
+            if self.fused is not None:
+                weight = self.base.get_output_embeddings().weight
+                return self.fused(weight.to(hidden.dtype), hidden.reshape(-1, hidden.size(-1)),
+                                  next_token_labels(labels).reshape(-1)).float()
+            return chunked_cross_entropy_sum(hidden, labels, self.base.get_output_embeddings(), self.chunk_tokens,
+                                             self.softcap)
+
+    def final_hidden_states(self, model, inputs: dict):
+        """The decoder's output (after the final norm) from a forward of the whole model with no logits kept."""
+        import torch
+
+        captured = []
+        decoder = self.base.get_decoder()
+        handle = decoder.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+        try:
+            no_position = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
+            model(**inputs, logits_to_keep=no_position)
+        finally:
+            handle.remove()
+        return captured[-1]
+
+
+def _liger_loss(base, fused_kernel: str, softcap):
+    """Liger's fused linear cross-entropy, where it computes what lm_head does: on CUDA, with liger_kernel
+    installed, and a plain nn.Linear lm_head whose whole weight this rank holds (not a PEFT-adapted head, not a
+    ZeRO-3 partition, which only the module's own hooks gather). None otherwise."""
+    if fused_kernel == "none":
+        return None
+    import torch
+
+    head = base.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if not torch.cuda.is_available() or type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    if weight is None or weight.device.type != "cuda" or hasattr(weight, "ds_id") or type(weight) is not \
+            torch.nn.Parameter:
+        return None
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+    return LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="sum", softcap=softcap)
