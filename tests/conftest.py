@@ -75,6 +75,7 @@ def worker_pids(run_dir: Path) -> list[int]:
     return [pid for _, pid in sorted(found)]
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups (this conftest loads first)
 def pytest_collection_modifyitems(config, items):
     """`make test` runs two pytest-xdist workers (most of a test's time is a subprocess importing torch or waiting
     on ranks, which the other worker fills). Tests that share something costly stay together on one worker: the
