@@ -28,7 +28,8 @@ def _committed(run_dir: Path) -> list[int]:
 
 @pytest.mark.parametrize("target, sig", [("launcher", signal.SIGTERM), ("launcher", signal.SIGUSR1),
                                          ("launcher", signal.SIGKILL), ("torchrun", signal.SIGKILL),
-                                         ("torchrun", signal.SIGUSR1)])
+                                         ("torchrun", signal.SIGUSR1)],
+                         ids=lambda value: value.name if isinstance(value, signal.Signals) else value)
 def test_workers_checkpoint_and_stop_and_nothing_survives(target, sig, tmp_path):
     run_dir = tmp_path / "run"
     job = start(["train", f"run.dir={run_dir}", *ARGS], tmp_path / "out.log")
