@@ -31,8 +31,10 @@ def _task(cfg) -> int:
     _say_defaults(notes)
     _warn_if_demo_data_under_another_model(config)
     config = resolve_auto_strategy(config)  # strategy=auto -> a concrete strategy, frozen as such (else unchanged)
-    # Model files, attention kernels and PEFT module names: before a run dir or a worker exists.
-    preflight(config, files=not (config.launcher.name == "slurm" and config.launcher.dry_run))
+    # Model files, attention kernels and PEFT module names: before a run dir or a worker exists. A Slurm dry run only
+    # prints the job script; the model it names may not be on this host yet.
+    if not (config.launcher.name == "slurm" and config.launcher.dry_run):
+        preflight(config)
     # Ours to remove on failure only if it held nothing before (Hydra may have just created it, empty).
     fresh = not os.path.isdir(config.run.dir) or not os.listdir(config.run.dir)
     try:

@@ -180,5 +180,11 @@ def _meta_model(cfg: ModelConfig):
 
     from trainer.model import load_model_config
 
+    try:
+        model_config = load_model_config(cfg)
+    except (OSError, ValueError) as err:  # no or unrecognised config.json: transformers' multi-line message
+        where = cfg.path or "model.arch"
+        raise ConfigError("model.path", f"cannot read the architecture of {where!r}: "
+                          f"{' '.join(str(err).split())[:300]}") from None
     with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(load_model_config(cfg), trust_remote_code=cfg.trust_remote_code)
+        return AutoModelForCausalLM.from_config(model_config, trust_remote_code=cfg.trust_remote_code)
