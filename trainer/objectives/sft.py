@@ -44,6 +44,11 @@ class SFTObjective:
             return f"model_type {model_type!r} may do more than lm_head after its decoder"
         if "logits_to_keep" not in inspect.signature(self.base.forward).parameters:
             return f"{type(self.base).__name__}.forward has no logits_to_keep"
+        head = self.base.get_output_embeddings()
+        if head is not None and hasattr(getattr(head, "weight", None), "ds_id"):
+            # ZeRO-3 releases lm_head's gathered weight after the forward; the chunks' recomputation in backward
+            # would then see an empty shard (torch.utils.checkpoint: "different metadata").
+            return "DeepSpeed ZeRO-3 partitions lm_head between the forward and its recomputation"
         return None
 
     def loss_sum(self, model, inputs: dict, labels, autocast=contextlib.nullcontext):
