@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, read_metrics, read_summary, run_cli, train_losses, worker_pids
+from tests.signals import wait_for_step
 
 pytestmark = pytest.mark.distributed
 
@@ -120,16 +121,6 @@ def _start(args: list[str], log: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, env={**os.environ, "WANDB_MODE": "disabled", **ENV})
 
 
-def _wait_for_step(run_dir: Path, step: int, job: subprocess.Popen, timeout: float = 600) -> None:
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and job.poll() is None:
-        if metrics.exists() and f'"step": {step},' in metrics.read_text():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"step {step} never came (exit code {job.poll()})")
-
-
 def test_sigusr1_to_one_rank_checkpoints_both_exits_85_and_relaunch_matches(reference, tmp_path):
     """Preemption on rank 1 only (plus a second signal to rank 0 during the stop): both ranks agree on one step,
     save it (asynchronously, with a time-based cadence running too), exit with the requeue code; the relaunch
@@ -139,7 +130,7 @@ def test_sigusr1_to_one_rank_checkpoints_both_exits_85_and_relaunch_matches(refe
     args = ["train", f"run.dir={run_dir}", *COMMON, *_overrides("ddp", "none"), "checkpoint.async_save=true",
             "checkpoint.every_n_minutes=0.002"]
     job = _start(args, tmp_path / "first.log")
-    _wait_for_step(run_dir, 2, job)
+    wait_for_step(run_dir, 2, job)
     pids = worker_pids(run_dir)
     assert len(pids) == 2, pids
     os.kill(pids[1], signal.SIGUSR1)
