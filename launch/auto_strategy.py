@@ -83,7 +83,8 @@ def choose(config, devices: Devices):
 
     1. the requested method as configured;  2. the requested method with activation checkpointing;
     3. the fallback methods, with checkpointing if it was needed, in bf16 when the run was fp32 (a frozen base in
-       fp32 would waste the memory the fallback is there to save).
+       fp32 would waste the memory the fallback is there to save); the method nearest the requested one wins, so
+       LoRA with checkpointing is preferred over QLoRA without.
 
     `settings` holds the train.precision and train.gradient_checkpointing the choice was planned with."""
     from trainer.plan import choose_auto_strategy
@@ -103,11 +104,17 @@ def choose(config, devices: Devices):
         raise ConfigError("strategy", f"auto: peft={config.peft.name} does not fit {devices.count} GPU(s) of "
                           f"{devices.memory_gib:g} GiB and strategy.allow_peft_fallback=false ({choice.reason})")
     lighter = [{**v, "precision": "bf16" if v["precision"] == "fp32" else v["precision"]} for v in variants]
+    fitting = []
     for variant in lighter:
         choice = choose_auto_strategy(inputs.replace(**variant), devices.memory_gib, host)
         if choice.fits:
-            return choice, variant
-    return choice, lighter[-1]
+            fitting.append((choice, variant))
+    if not fitting:
+        return choice, lighter[-1]
+    # A method closer to the requested one wins over leaving checkpointing off: LoRA on a bf16 base with
+    # checkpointing trains the same weights QLoRA would, without the 4-bit base's quantization error.
+    closeness = {method: rank for rank, method in enumerate((inputs.peft_method, "lora", "qlora"))}
+    return min(fitting, key=lambda found: closeness.get(found[0].peft_method, len(closeness)))
 
 
 def strategy_config_for(name: str):

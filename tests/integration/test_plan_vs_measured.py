@@ -28,7 +28,8 @@ Figures (torch 2.13 CPU, 2-core machine; predicted / measured MB, deviation of t
             single/full 182.9/181.3, single/LoRA 120.1/134.3 (-10.6%), single/QLoRA 115.7/130.0 (-10.9%: with the
             logits down to one chunk, the peak moves into the backward of the unchecked layers, whose gradient
             tensors the planner leaves to its margin), direct QLoRA (peft recipe) 171.6/173.2, replica-128k LoRA
-            431.7/432.3, unchunked 825.7/823.2, QLoRA 431.6/432.2
+            431.7/432.3, unchunked 825.7/823.2, QLoRA 431.6/432.2; zero3/full 153.5/162.8 (-5.7%: ZeRO-3 runs the
+            loss unchunked, lm_head being partitioned between the forward and the chunks' recomputation)
 What the planner leaves out here: the packed rows' attention mask, which SDPA converts to a bf16 bias in every
 layer and keeps for backward (b*s*s*2 bytes per layer: 4.1 MB); under ZeRO-3, parameters below
 stage3_param_persistence_threshold kept whole on every rank (1.6 MB: the tiny model's attention weights) and a

@@ -280,6 +280,8 @@ def effective_loss_chunk_tokens(inputs: PlanInputs, params: ParamCount, trainabl
     """The chunk the trainer's loss really uses: 0 (unchunked) where trainer/objectives/sft.py falls back."""
     if trainable.method in ("prompt_tuning", "prefix_tuning") or params.model_type not in CHUNKABLE_MODEL_TYPES:
         return 0
+    if inputs.strategy in ("zero3", "zero3_offload"):  # lm_head is partitioned between forward and recomputation
+        return 0
     return inputs.loss_chunk_tokens
 
 
