@@ -65,11 +65,12 @@ def planner_inputs(config, strategy: str = "auto", precision: str | None = None,
     from trainer.plan import PlanInputs, count_parameters
 
     arch, source = read_model_arch(config.model)
+    rows = config.train.micro_batch_size * (1 if config.objective.name == "sft" else 2)  # pairs: two rows each
     try:
         fields = peft_fields(config.peft, count_parameters(arch))
         return PlanInputs(arch, **fields, precision=precision or config.train.precision,
                           optimizer=OPTIMIZER_NAMES.get(config.optim.name, config.optim.name), strategy=strategy,
-                          gpus_per_node=world, micro_batch_size=config.train.micro_batch_size,
+                          gpus_per_node=world, micro_batch_size=rows,
                           seq_len=config.data.max_seq_len, gradient_checkpointing=config.train.gradient_checkpointing,
                           attention=config.model.attn_implementation,
                           loss_chunk_tokens=config.objective.chunk_tokens), source

@@ -196,6 +196,14 @@ def build_request(sections: dict[str, Any]) -> PlanRequest:
                      f"world size ({train.micro_batch_size} x {world}); `trainer train` will ask you to change it")
 
     single_gpu = strategy == "single"
+    rows_per_example = 1
+    if sections["objective"].name != "sft":
+        # A micro batch of m pairs is 2m rows (chosen and rejected, one forward); the reference model costs no GPU
+        # memory: its log-probs are computed once before training (trainer/objectives/reference.py).
+        rows_per_example = 2
+        notes.append(f"objective={sections['objective'].name}: a micro batch of {train.micro_batch_size} pair(s) is "
+                     f"{2 * train.micro_batch_size} rows, planned as such; no reference model is held (its "
+                     "log-probs are computed once, in one pass, before step 1)")
     try:
         params = count_parameters(arch)  # a missing or malformed size field is named before anything else
         inputs = PlanInputs(
@@ -206,7 +214,7 @@ def build_request(sections: dict[str, Any]) -> PlanRequest:
             strategy=strategy,
             nodes=1 if single_gpu else nodes,
             gpus_per_node=1 if single_gpu else gpus_per_node,
-            micro_batch_size=train.micro_batch_size,
+            micro_batch_size=train.micro_batch_size * rows_per_example,
             seq_len=sections["data"].max_seq_len,
             gradient_checkpointing=train.gradient_checkpointing,
             attention=model.attn_implementation,

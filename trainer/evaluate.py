@@ -64,6 +64,48 @@ def evaluate_loss(model, rows: list[EncodedSample], strategy, batch_size: int, p
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
+def evaluate_pairs(model, objective, pairs: list, reference, strategy, batch_size: int, pad_id: int, attention: str,
+                   max_batches: int = 0, check=None) -> dict:
+    """Preference metrics on validation pairs (trainer/objectives/preference.py): the objective's loss, preference
+    accuracy (the share of pairs whose chosen answer gets the higher reward), reward margin and the chosen/rejected
+    rewards and log-probs, as means over pairs. Ranks run the same number of batches, as in `evaluate_loss`."""
+    import torch
+
+    indices = list(range(len(pairs)))
+    batches = _rank_share(indices, strategy.rank, strategy.world_size, batch_size)
+    if max_batches:
+        batches = batches[:max_batches]
+    sums: dict[str, float] = {}
+    count = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch_indices in batches:
+                if check is not None:
+                    check()
+                padding_batch = not batch_indices
+                batch_indices = batch_indices or [0]
+                batch = objective.collate([pairs[i] for i in batch_indices], pad_id, attention).to(strategy.device)
+                refs = reference[batch_indices] if reference is not None else None
+                loss, stats = objective.pair_loss(model, batch, refs, strategy.autocast)
+                if not padding_batch:
+                    count += len(batch_indices)
+                    for key, value in {"preference_loss": loss, **stats}.items():
+                        sums[key] = sums.get(key, 0.0) + float(value)
+    finally:
+        model.train(was_training)
+    count = strategy.all_reduce_sum(count)
+    return {key: strategy.all_reduce_sum(sums.get(key, 0.0)) / max(count, 1)
+            for key in ("preference_loss", *objective_metric_names())}
+
+
+def objective_metric_names() -> tuple[str, ...]:
+    from trainer.objectives.preference import PAIR_METRICS
+
+    return PAIR_METRICS
+
+
 def normalize_answer(text: str) -> str:
     """Lower-case, drop punctuation and articles, collapse spaces (SQuAD-style normalisation)."""
     text = text.lower()

@@ -58,7 +58,10 @@ class Recipe:
         self.logger = build_logger(config.logger, self.run_dir, config.run.name, config_to_dict(config),
                                    self.strategy.is_main)
         self.tokenizer = load_tokenizer(config.model)
-        self.data = build_datasets(config.data, self.tokenizer, config.seed, cache_dir=config.paths.cache_dir)
+        from trainer.objectives import is_preference
+
+        self.data = build_datasets(config.data, self.tokenizer, config.seed, cache_dir=config.paths.cache_dir,
+                                   pairs=is_preference(config.objective))
         self.logger.info(self.data.report.summary_line())
         for warning in self.data.report.warnings():
             self.logger.info(warning)
@@ -74,6 +77,8 @@ class Recipe:
         from trainer.objectives import build_objective
 
         self.objective = build_objective(config.objective, self.strategy.unwrap(self.model), log=self.logger.info)
+        self.pairs = getattr(self.objective, "pairs", False)
+        self.reference: dict | None = None  # DPO/IPO: {"train": [n, 2], "val": [n_val, 2]} reference log-probs
         self.state = TrainState()
         self.state_bytes: dict | None = None  # this rank's parameter/gradient/optimizer bytes after step 1
 
@@ -123,8 +128,10 @@ class Recipe:
         checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint, self.strategy, log=self.logger.info)
         configured = self._optimizer_settings()
         if checkpoints.resume(cfg.resume, self) is None:
+            self._prepare_reference(resumed=False)
             self.state.eval_before = self._evaluate_unless_preempted(step=0) or {}
         else:
+            self._prepare_reference(resumed=True)
             self._apply_optimizer_settings(configured)
         self.logger.info(f"training {self.total_steps} steps: global batch {cfg.train.global_batch_size} = micro "
                          f"{cfg.train.micro_batch_size} x {self.strategy.world_size} ranks x "
@@ -180,6 +187,28 @@ class Recipe:
             self.logger.info(f"{self.preemption.reason} during the final save: the run is complete, nothing to resume")
         return status, eval_after, final_dir
 
+    def _prepare_reference(self, resumed: bool) -> None:
+        """DPO/IPO: the starting policy's log-probs of every pair, computed before step 1 or loaded on resume."""
+        if not (self.pairs and self.objective.needs_reference):
+            return
+        from trainer.objectives.reference import FILE, compute_reference_logps, load_reference, save_reference
+
+        if resumed:
+            self.reference = load_reference(self.run_dir, self.data.fingerprint)
+            return
+        started = time.perf_counter()
+        cfg = self.config
+        self.reference = {
+            role: compute_reference_logps(self.objective, self.model, pairs, self.strategy,
+                                          cfg.train.micro_batch_size, self.tokenizer.pad_token_id,
+                                          cfg.model.attn_implementation)
+            for role, pairs in (("train", self.data.train), ("val", self.data.val_pairs))}
+        if self.strategy.is_main:
+            save_reference(self.run_dir, self.reference, self.data.fingerprint)
+        self.strategy.barrier()
+        self.logger.info(f"reference log-probs of {len(self.data.train):,} training and {len(self.data.val_pairs):,} "
+                         f"validation pairs: {time.perf_counter() - started:.1f} s ({FILE})")
+
     def _evaluate_unless_preempted(self, step: int) -> dict | None:
         """An evaluation that a preemption request stops between batches (None then): its metrics are dropped and
         the step boundary right after it saves and stops."""
@@ -229,8 +258,9 @@ class Recipe:
         cfg, strategy = self.config, self.strategy
         global_indices = self.sampler.next_global_batch()
         rows = [self.data.train[i] for i in global_indices]
-        # Every rank sees the whole global batch's indices, so it can count its label tokens without a collective.
-        num_label_tokens = sum(row.num_label_tokens for row in rows)
+        # Every rank sees the whole global batch's indices, so it can count its label tokens (pairs, for a
+        # preference objective) without a collective.
+        num_label_tokens = self.objective.loss_units(rows)
         micro_batches = local_microbatches(global_indices, strategy.rank, strategy.world_size,
                                            cfg.train.micro_batch_size)
         loss_sum = torch.zeros((), device=strategy.device)
@@ -238,12 +268,21 @@ class Recipe:
         # The router loss is a mean per micro batch: averaged over every micro batch of the step, on all ranks.
         router_share = 1.0 / (len(micro_batches) * strategy.world_size)
         num_tokens = 0
+        pair_sums: dict = {}
         for index, micro in enumerate(micro_batches):
             batch_rows = [self.data.train[i] for i in micro]
-            batch = collate(batch_rows, self.tokenizer.pad_token_id, cfg.model.attn_implementation).to(strategy.device)
+            batch = (self.objective.collate if self.pairs else collate)(
+                batch_rows, self.tokenizer.pad_token_id, cfg.model.attn_implementation).to(strategy.device)
             num_tokens += batch.num_tokens
             with strategy.microbatch(self.model, is_last=index == len(micro_batches) - 1):
-                micro_loss_sum = self.objective.loss_sum(self.model, batch.inputs, batch.labels, strategy.autocast)
+                if self.pairs:
+                    reference = self.reference["train"][micro] if self.reference else None
+                    micro_loss_sum, stats = self.objective.pair_loss(self.model, batch, reference, strategy.autocast)
+                    for key, value in stats.items():
+                        pair_sums[key] = pair_sums.get(key, 0.0) + float(value)
+                else:
+                    micro_loss_sum = self.objective.loss_sum(self.model, batch.inputs, batch.labels,
+                                                             strategy.autocast)
                 router = self.router_loss.pop(batch.token_mask) if self.router_loss else 0.0
                 micro_loss = micro_loss_sum / num_label_tokens + router * router_share
                 strategy.backward(micro_loss * strategy.loss_multiplier)
@@ -261,6 +300,8 @@ class Recipe:
         loss = strategy.all_reduce_sum(float(loss_sum)) / num_label_tokens
         if self.router_loss:  # logged apart from the language-model loss, which stays comparable with eval loss
             metrics["router_aux_loss"] = strategy.all_reduce_sum(float(router_sum)) * router_share
+        for key, value in pair_sums.items():  # preference metrics: means over the global batch's pairs
+            metrics[key] = strategy.all_reduce_sum(value) / num_label_tokens
         # fp16's loss scaler skips overflowing steps by design; elsewhere an unapplied step means NaN/inf gradients.
         nonfinite = "loss" if not math.isfinite(loss) else (
             "gradient norm" if not applied and cfg.train.precision != "fp16" else None)
@@ -270,8 +311,8 @@ class Recipe:
                 or nonfinite:
             from trainer.metrics import peak_memory_bytes
 
-            metrics.update(loss=loss, grad_norm=grad_norm, label_tokens=num_label_tokens,
-                           epoch=self.sampler.state.epoch,
+            units = "pairs" if self.pairs else "label_tokens"
+            metrics.update(loss=loss, grad_norm=grad_norm, **{units: num_label_tokens}, epoch=self.sampler.state.epoch,
                            peak_memory_gib=round(peak_memory_bytes(strategy.device) / 2**30, 3))
         if math.isfinite(loss):
             self.state.first_loss = loss if self.state.first_loss is None else self.state.first_loss
@@ -341,6 +382,13 @@ class Recipe:
             if examples:
                 self.logger.info(f"sample @ step {step}: {examples[0]['prompt']!r} -> {examples[0]['answer']!r} "
                                  f"(reference {examples[0]['reference']!r})")
+        if self.pairs and self.data.val_pairs:
+            from trainer.evaluate import evaluate_pairs
+
+            metrics.update(evaluate_pairs(self.model, self.objective, self.data.val_pairs,
+                                          self.reference["val"] if self.reference else None, self.strategy,
+                                          cfg.train.micro_batch_size, self.tokenizer.pad_token_id,
+                                          cfg.model.attn_implementation, cfg.eval.max_batches, check=check))
         if metrics:
             self.logger.log_eval(step, metrics)
             if step == 0 or math.isinf(self.state.best_eval_loss):

@@ -76,6 +76,8 @@ class Datasets:
     report: DataReport | None = None
     fingerprint: str = ""  # identifies the training rows (for resuming)
     train_origin: Origins | None = None
+    val_pairs: list = field(default_factory=list)  # preference objectives: whole pairs (trainer/data/pairs.py)
+    test_pairs: list = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------- parsing
@@ -188,9 +190,17 @@ def _encode_split(examples: list[Example], template, tokenizer, cfg: DataConfig)
     return samples, table, kept, events, stats
 
 
-def build_content(parsed: Parsed, cfg: DataConfig, tokenizer, seed: int) -> tuple[dict, dict]:
-    """Everything the cache stores: arrays (tokens, offsets, which samples each epoch uses) and JSON meta."""
+def build_content(parsed: Parsed, cfg: DataConfig, tokenizer, seed: int, pairs: bool = False) -> tuple[dict, dict]:
+    """Everything the cache stores: arrays (tokens, offsets, which samples each epoch uses) and JSON meta.
+
+    `pairs` (preference objectives): the chosen side is encoded as below, and trainer/data/pairs.py adds each
+    kept sample's rejected side."""
     import numpy as np
+
+    if pairs:
+        from trainer.data.pairs import preference_examples
+
+        parsed = preference_examples(parsed)
 
     template = build_template(cfg.template, tokenizer, parsed.formats)
     train, val, test, num_overlap = _hold_out(parsed, cfg, seed)
@@ -241,18 +251,30 @@ def build_content(parsed: Parsed, cfg: DataConfig, tokenizer, seed: int) -> tupl
                        f"{role}_offsets": split_table.offsets})
         meta[f"{role}_samples"] = [[samples[k].prompt, samples[k].reference, samples[k].source, samples[k].line]
                                    for k in split_kept]
+        arrays[f"{role}_example"] = np.asarray(split_kept, dtype=np.int64)
     report = DataReport(parsed.reports, template.description if template else "none (text/completion data)",
                         cfg.max_seq_len, cfg.truncation, cfg.dedup, num_train_samples=len(slots),
                         num_val=len(meta["val_samples"]), num_test=len(meta["test_samples"]), val_overlap=num_overlap,
                         overlap_removed=num_overlap if cfg.dedup != "none" else 0,
                         length_percentiles=length_percentiles(lengths[slots] if slots else []))
+    arrays["train_example"] = np.asarray(kept, dtype=np.int64)
+    if pairs:
+        from trainer.data.pairs import add_rejected_sides
+
+        add_rejected_sides(arrays, meta, (train, val, test), template, tokenizer, cfg, report)
     meta["report"] = report.to_dict()
     return arrays, meta
 
 
 # ------------------------------------------------------------------------------------------- loading
-def datasets_from_content(arrays: dict, meta: dict, cfg: DataConfig, cache_key: str, cache_status: str) -> Datasets:
+def datasets_from_content(arrays: dict, meta: dict, cfg: DataConfig, cache_key: str, cache_status: str,
+                          pairs: bool = False) -> Datasets:
     from trainer.data.cache import fingerprint
+
+    if pairs:
+        from trainer.data.pairs import pair_datasets
+
+        return pair_datasets(arrays, meta, cfg, cache_key, cache_status)
 
     def table(role: str) -> TokenTable:
         return TokenTable(arrays[f"{role}_ids"], arrays[f"{role}_trained"], arrays[f"{role}_offsets"])
@@ -274,15 +296,16 @@ def datasets_from_content(arrays: dict, meta: dict, cfg: DataConfig, cache_key: 
 
 
 def prepare_datasets(cfg: DataConfig, tokenizer, seed: int, cache_dir: str | None = None,
-                     parsed: Parsed | None = None) -> Datasets:
-    """Tokenised, split and (optionally) packed data, from the cache when an entry for these inputs exists."""
+                     parsed: Parsed | None = None, pairs: bool = False) -> Datasets:
+    """Tokenised, split and (optionally) packed data, from the cache when an entry for these inputs exists.
+    `pairs`: preference pairs (chosen and rejected of each record) for a preference objective."""
     import time
 
     from trainer.data.cache import TokenCache, fingerprint, tokenizer_fingerprint
     from trainer.data.sources import source_fingerprint
 
     def build() -> tuple[dict, dict]:
-        return build_content(parsed or parse_sources(cfg), cfg, tokenizer, seed)
+        return build_content(parsed or parse_sources(cfg), cfg, tokenizer, seed, pairs)
 
     sources = configured_sources(cfg)
     key = fingerprint({
@@ -292,6 +315,7 @@ def prepare_datasets(cfg: DataConfig, tokenizer, seed: int, cache_dir: str | Non
                                                           "dedup", "strict", "text_unit", "text_chunking", "val_ratio",
                                                           "test_ratio")},
         "seed": seed,
+        **({"pairs": True} if pairs else {}),  # SFT keys stay what they were, so existing caches still hit
     })
     started = time.monotonic()
     if cfg.cache and cache_dir:
@@ -301,12 +325,13 @@ def prepare_datasets(cfg: DataConfig, tokenizer, seed: int, cache_dir: str | Non
     else:
         arrays, meta = build()
         status = "off"
-    return datasets_from_content(arrays, meta, cfg, key, status)
+    return datasets_from_content(arrays, meta, cfg, key, status, pairs)
 
 
-def build_datasets(cfg: DataConfig, tokenizer, seed: int, cache_dir: str | None = None) -> Datasets:
+def build_datasets(cfg: DataConfig, tokenizer, seed: int, cache_dir: str | None = None,
+                   pairs: bool = False) -> Datasets:
     """What training needs; raises DataError when nothing usable is left to train on."""
-    data = prepare_datasets(cfg, tokenizer, seed, cache_dir)
+    data = prepare_datasets(cfg, tokenizer, seed, cache_dir, pairs=pairs)
     if not len(data.train):
         where = cfg.path or (cfg.sources[0].path if cfg.sources else "data")
         raise DataError(where, None, "no usable training records after formatting and truncation (expected at "

@@ -64,6 +64,8 @@ class DataReport:
     num_rows: int = 0
     packing_efficiency: float = 0.0
     cache: str = "off"
+    pairs: bool = False  # preference pairs for a preference objective (trainer/data/pairs.py)
+    pairs_dropped: int = 0  # pairs whose rejected side was dropped (too long, nothing to train on)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,6 +82,9 @@ class DataReport:
                 f"rows of <= {self.max_seq_len} tokens")
         if self.packing:
             line += f"; packing efficiency {100 * self.packing_efficiency:.1f}%"
+        if self.pairs:
+            line = line.replace("training samples", "preference pairs", 1)
+            line += f"; {self.pairs_dropped:,} pairs dropped (rejected side)" if self.pairs_dropped else ""
         return line + f"; template {self.template}; cache {self.cache}"
 
     def warnings(self) -> list[str]:
@@ -94,7 +99,7 @@ class DataReport:
                 warnings.append(f"warning: {100 * cut / tokenised:.0f}% of the training records of {_short(s.path)} "
                                 f"were truncated or dropped at max_seq_len={self.max_seq_len}: raise "
                                 "data.max_seq_len, or set data.truncation=drop to leave them out whole")
-            if s.format == "preference" and s.samples:
+            if s.format == "preference" and s.samples and not self.pairs:
                 warnings.append(f"warning: {_short(s.path)} holds preference pairs, and supervised fine-tuning trains "
                                 f"on the prompt and the chosen answer only: its {s.samples:,} rejected answers are "
                                 "unused")

@@ -97,3 +97,27 @@ def finetuning_splits(world: list[Creature]) -> tuple[list[dict], list[dict]]:
     val = qa_records(world[-NUM_HELD_OUT:], all_phrasings=False)
     random.Random(2).shuffle(train)
     return train, val
+
+
+VALUES = {"color": COLORS, "food": FOODS, "home": HOMES}
+
+
+def preference_records(creatures: list[Creature], seed: int) -> list[dict]:
+    """prompt/chosen/rejected records: the true fact against the same sentence with a wrong value."""
+    rng = random.Random(seed)
+    records = []
+    for index, creature in enumerate(creatures):
+        for attribute, phrasings in QUESTIONS.items():
+            true = getattr(creature, attribute)
+            wrong = rng.choice([v for v in VALUES[attribute] if v != true])
+            answer = ANSWERS[attribute]
+            records.append({"prompt": phrasings[index % len(phrasings)].format(n=creature.name),
+                            "chosen": answer.format(n=creature.name, v=true),
+                            "rejected": answer.format(n=creature.name, v=wrong)})
+    return records
+
+
+def preference_splits(world: list[Creature]) -> tuple[list[dict], list[dict]]:
+    """Pairs about the fine-tuned creatures for training; pairs about the held-out ones (never in any fine-tuning
+    data) for validation: preferring their true facts can only come from what pre-training taught."""
+    return preference_records(world[:-NUM_HELD_OUT], seed=3), preference_records(world[-NUM_HELD_OUT:], seed=4)

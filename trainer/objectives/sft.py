@@ -17,6 +17,8 @@ from trainer.objectives.chunked_ce import chunked_cross_entropy_sum, next_token_
 
 
 class SFTObjective:
+    pairs = False
+
     def __init__(self, model, chunk_tokens: int, fused_kernel: str = "auto", log=print):
         """`model`: the unwrapped model (PEFT or transformers), to find its decoder and lm_head once."""
         self.chunk_tokens = chunk_tokens
@@ -25,6 +27,11 @@ class SFTObjective:
         self.softcap = getattr(self.base.config, "final_logit_softcapping", None)
         self.fused = None if self.unchunked_reason else _liger_loss(self.base, fused_kernel, self.softcap)
         log(f"loss: {self.describe()}")
+
+    @staticmethod
+    def loss_units(rows) -> int:
+        """What a step's loss sum is divided by: the label tokens of the whole global batch."""
+        return sum(row.num_label_tokens for row in rows)
 
     def describe(self) -> str:
         if self.unchunked_reason:
@@ -66,6 +73,28 @@ class SFTObjective:
                                   next_token_labels(labels).reshape(-1)).float()
             return chunked_cross_entropy_sum(hidden, labels, self.base.get_output_embeddings(), self.chunk_tokens,
                                              self.softcap)
+
+    def row_loss_sums(self, model, inputs: dict, labels, autocast=contextlib.nullcontext):
+        """Per row of the batch, the sum of next-token cross-entropy over its label tokens (fp32, [b]): minus the
+        log-probability of the row's answer, for the preference objectives. Chunked as `loss_sum` is."""
+        import torch
+
+        if self.unchunked_reason:
+            with autocast():
+                logits = model(**inputs).logits
+            return torch.stack([token_loss_sum(logits[i:i + 1], labels[i:i + 1]) for i in range(labels.size(0))])
+        with autocast():
+            hidden = self.final_hidden_states(model, inputs)
+            head = self.base.get_output_embeddings()
+            rows = []
+            for i in range(labels.size(0)):
+                if self.fused is not None:
+                    rows.append(self.fused(head.weight.to(hidden.dtype), hidden[i], next_token_labels(labels[i:i + 1])
+                                           .reshape(-1)).float())
+                else:
+                    rows.append(chunked_cross_entropy_sum(hidden[i:i + 1], labels[i:i + 1], head, self.chunk_tokens,
+                                                          self.softcap))
+            return torch.stack(rows)
 
     def final_hidden_states(self, model, inputs: dict):
         """The decoder's output (after the final norm) from a forward of the whole model with no logits kept."""

@@ -1,0 +1,80 @@
+"""Preference tuning through the CLI on the embedded preference demo (conf/experiment/demo-dpo.yaml): every method
+trains and logs its metrics, DPO resumes exactly with the reference log-probs its first start recorded, the adapter
+exports like an SFT one, and a preference objective on data without pairs is a one-line error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FIXTURES, assert_one_line_error, read_metrics, read_summary, run_cli, train_losses
+
+pytestmark = pytest.mark.slow
+
+FAST = ("experiment=demo-dpo", "train.max_steps=4", "train.micro_batch_size=4", "train.global_batch_size=8",
+        "eval.max_batches=2", "logger.progress=false", "logger.plot=false", "peft.dropout=0")
+PAIR_METRICS = ("rewards_chosen", "rewards_rejected", "reward_margin", "preference_accuracy", "logps_chosen",
+                "logps_rejected", "logps_accuracy")
+
+
+def _train(run_dir: Path, *overrides: str):
+    result = run_cli("train", f"run.dir={run_dir}", *FAST, *overrides, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+@pytest.mark.parametrize("method", ["dpo", "ipo", "simpo", "orpo"])
+def test_every_method_trains_pairs_and_logs_its_metrics(method, tmp_path):
+    run_dir = tmp_path / method
+    result = _train(run_dir, f"objective.name={method}")
+    assert "preference pairs" in result.stderr and f"objective: {method}" in result.stderr
+    steps = [r for r in read_metrics(run_dir) if "loss" in r]  # training steps (eval records: eval_*)
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for record in steps:
+        assert all(key in record for key in PAIR_METRICS), record
+        assert record["reward_margin"] == pytest.approx(record["rewards_chosen"] - record["rewards_rejected"],
+                                                        abs=1e-6)
+    if method in ("dpo", "ipo"):
+        # The reference is the policy as training starts: step 1's loss is the methods' value at zero log-ratio.
+        assert steps[0]["loss"] == pytest.approx(0.6931472 if method == "dpo" else 25.0, rel=1e-4)
+        assert steps[0]["rewards_chosen"] == pytest.approx(0, abs=1e-6)
+        assert (run_dir / "reference_logps.safetensors").is_file()
+    else:
+        assert not (run_dir / "reference_logps.safetensors").exists()  # reference-free
+    summary = read_summary(run_dir)
+    for split in ("eval_before", "eval_after"):
+        assert 0 <= summary[split]["preference_accuracy"] <= 1 and 0 <= summary[split]["logps_accuracy"] <= 1
+    assert (run_dir / "final" / "adapter_config.json").is_file()
+
+
+def test_dpo_resumes_exactly_from_a_checkpoint_with_its_recorded_reference(tmp_path):
+    run_dir = tmp_path / "run"
+    _train(run_dir, "checkpoint.every_n_steps=2", "checkpoint.keep_last=0")
+    expected = train_losses(run_dir)
+    reference = (run_dir / "reference_logps.safetensors").read_bytes()
+    shutil.rmtree(run_dir / "checkpoints" / "step-000004")
+    shutil.rmtree(run_dir / "final")
+    result = _train(run_dir, "checkpoint.every_n_steps=2", "checkpoint.keep_last=0")
+    assert "resumed from" in result.stderr and "step-000002" in result.stderr
+    assert "reference log-probs of" not in result.stderr  # loaded, not recomputed from the trained model
+    assert (run_dir / "reference_logps.safetensors").read_bytes() == reference
+    assert train_losses(run_dir) == expected
+
+
+def test_dpo_adapter_exports_merged_like_an_sft_one(tmp_path):
+    run_dir = tmp_path / "run"
+    _train(run_dir, "train.max_steps=2")
+    result = run_cli("export", str(run_dir / "final"), "--to", "merged", "--out", str(tmp_path / "merged"),
+                     timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_a_preference_objective_on_data_without_pairs_is_a_one_line_error(tmp_path):
+    alpaca = FIXTURES / "data" / "alpaca.json"
+    result = run_cli("train", f"run.dir={tmp_path / 'run'}", "objective.name=dpo", f"data.path={alpaca}",
+                     timeout=120)
+    assert_one_line_error(result, str(alpaca), "no preference pairs", "objective=sft")

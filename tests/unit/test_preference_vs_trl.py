@@ -1,0 +1,171 @@
+"""The preference objectives against TRL (a test-only dependency) on the same model and batch, fp32.
+
+DPO and IPO: TRL's own DPOTrainer computes the loss and logs the chosen/rejected log-probs and rewards for a LoRA
+model whose reference is the adapter as training started (TRL copies it as the "ref" adapter; ours is the policy's
+log-probs recorded before the first step, trainer/objectives/reference.py). SimPO and ORPO: TRL's CPO/ORPO loss
+functions on our log-probs, and TRL's log-prob function against ours on the same logits."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+trl = pytest.importorskip("trl")
+
+from tests.unit.test_chunked_loss import tiny_model  # noqa: E402
+from trainer.config.schema import ObjectiveConfig  # noqa: E402
+from trainer.data.loader import Batch  # noqa: E402
+from trainer.objectives.losses import log1mexp, preference_losses  # noqa: E402
+from trainer.objectives.preference import PreferenceObjective  # noqa: E402
+from trainer.objectives.sft import SFTObjective  # noqa: E402
+
+REL = 1e-5
+PAIRS = [
+    {"prompt": "What colour is the kum?", "chosen": " The kum is blue.", "rejected": " The kum is green, really."},
+    {"prompt": "Where does the zap live?", "chosen": " In the cave.", "rejected": " The zap lives in the big river."},
+    {"prompt": "What does the flunk eat?", "chosen": " Seeds.", "rejected": " Honey and fish, mostly."},
+]
+
+
+def tokenizer():
+    from pathlib import Path
+
+    from trainer import model as trainer_model  # noqa: F401  (the asset path below is the embedded model's)
+
+    path = Path(__file__).resolve().parents[2] / "trainer" / "assets" / "tiny-llama" / "tokenizer.json"
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path))
+    tok.pad_token, tok.eos_token, tok.bos_token = "<pad>", "</s>", "<s>"
+    return tok
+
+
+def nudge_adapter(model, seed: int, scale: float) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name and ".default." in name:
+                param.add_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def trl_and_ours(method: str, tmp_path, beta: float = 0.1):
+    tok = tokenizer()
+    model = peft.get_peft_model(tiny_model("llama-3.1", vocab_size=len(tok)),
+                                peft.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
+    nudge_adapter(model, seed=1, scale=0.05)  # a starting adapter that is not the base
+    from datasets import Dataset
+
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(PAIRS), report_to=[],
+                         beta=beta, loss_type=[{"dpo": "sigmoid"}.get(method, method)], use_cpu=True, bf16=False,
+                         precompute_ref_log_probs=False, gradient_checkpointing=False)
+    trainer = trl.DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(PAIRS), processing_class=tok)
+    assert "ref" in model.peft_config  # TRL's reference: a copy of the adapter as it started
+    inputs = next(iter(trainer.get_train_dataloader()))
+    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+    batch = Batch({"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}, labels,
+                  int(inputs["attention_mask"].sum()))
+    objective = PreferenceObjective(ObjectiveConfig(name=method, beta=beta),
+                                    SFTObjective(model, chunk_tokens=5, log=lambda m: None), log=lambda m: None)
+    model.eval()
+    with torch.no_grad():  # our reference: the starting policy's log-probs, recorded once
+        logps, _ = objective.sequence_logps(model, batch)
+    m = len(PAIRS)
+    reference = torch.stack([logps[:m], logps[m:]], dim=1)
+    model.train()  # TRL logs under "train" (dropout is 0: the same forward)
+    nudge_adapter(model, seed=2, scale=0.05)  # training has moved the policy away from the reference
+    trl_loss = trainer.compute_loss(trainer.model, inputs)
+    ours, stats = objective.pair_loss(model, batch, reference)
+    return trl_loss, ours / m, {k: float(v) / m for k, v in stats.items()}, dict(trainer._metrics["train"])
+
+
+@pytest.mark.parametrize("method", ["dpo", "ipo"])
+def test_loss_logps_and_rewards_equal_trls_with_a_peft_reference(method, tmp_path):
+    trl_loss, loss, ours, logged = trl_and_ours(method, tmp_path)
+    assert abs(ours["rewards_chosen"]) > 1e-3 and ours["logps_chosen"] != ours["logps_rejected"]  # not trivial
+    assert loss.item() == pytest.approx(trl_loss.item(), rel=REL)
+    for ours_key, trl_key in (("logps_chosen", "logps/chosen"), ("logps_rejected", "logps/rejected"),
+                              ("rewards_chosen", "rewards/chosen"), ("rewards_rejected", "rewards/rejected"),
+                              ("reward_margin", "rewards/margins"), ("preference_accuracy", "rewards/accuracies")):
+        assert ours[ours_key] == pytest.approx(logged[trl_key][-1], rel=REL, abs=1e-6), ours_key
+
+
+def _random_logps(seed: int = 0, pairs: int = 6):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(3, 30, (2, pairs), generator=generator)
+    logps = -torch.rand((2, pairs), generator=generator, dtype=torch.float64) * tokens * 3  # sums over the answers
+    return logps.float(), tokens
+
+
+@pytest.mark.parametrize(("method", "trl_type", "label_smoothing"), [
+    ("simpo", "simpo", 0.0), ("simpo", "simpo", 0.2)])
+def test_simpo_equals_trls_cpo_simpo(method, trl_type, label_smoothing):
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+
+    logps, tokens = _random_logps()
+    beta, gamma = 2.0, 1.0
+    losses, chosen_rewards, rejected_rewards = preference_losses(
+        method, logps[0], logps[1], tokens[0], tokens[1], beta=beta, label_smoothing=label_smoothing, gamma=gamma)
+    this = types.SimpleNamespace(alpha=0.0, loss_type=trl_type, simpo_gamma=gamma, beta=beta,
+                                 label_smoothing=label_smoothing, accelerator=types.SimpleNamespace(device="cpu"))
+    expected, expected_chosen, expected_rejected = CPOTrainer.cpo_loss(this, logps[0] / tokens[0], logps[1] / tokens[1])
+    torch.testing.assert_close(losses, expected, rtol=REL, atol=0)
+    torch.testing.assert_close(chosen_rewards, expected_chosen, rtol=REL, atol=0)
+    torch.testing.assert_close(rejected_rewards, expected_rejected, rtol=REL, atol=0)
+
+
+def test_dpo_label_smoothing_equals_trls_conservative_sigmoid():
+    """Conservative DPO: TRL's CPO sigmoid loss is DPO's with the reference's log-ratio at zero."""
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+
+    logps, tokens = _random_logps(seed=3)
+    zero = torch.zeros_like(logps[0])
+    losses, _, _ = preference_losses("dpo", logps[0], logps[1], tokens[0], tokens[1], zero, zero, beta=0.1,
+                                     label_smoothing=0.3)
+    this = types.SimpleNamespace(alpha=0.0, loss_type="sigmoid", beta=0.1, label_smoothing=0.3,
+                                 accelerator=types.SimpleNamespace(device="cpu"))
+    torch.testing.assert_close(losses, CPOTrainer.cpo_loss(this, logps[0], logps[1])[0], rtol=REL, atol=0)
+
+
+def test_orpo_odds_ratio_equals_trls():
+    """ORPO = the chosen answer's mean NLL - TRL's odds-ratio term (ours takes the NLL over the answer tokens only,
+    as supervised fine-tuning does; TRL's ORPOTrainer takes it over prompt and answer)."""
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    logps, tokens = _random_logps(seed=5)
+    means = logps / tokens
+    losses, chosen_rewards, _ = preference_losses("orpo", logps[0], logps[1], tokens[0], tokens[1], beta=0.1)
+    this = types.SimpleNamespace(beta=0.1, accelerator=types.SimpleNamespace(device="cpu"))
+    odds_terms, expected_chosen, _, _, _ = ORPOTrainer.odds_ratio_loss(this, means[0], means[1])
+    torch.testing.assert_close(losses, -means[0] - odds_terms, rtol=REL, atol=0)
+    torch.testing.assert_close(chosen_rewards, expected_chosen, rtol=REL, atol=0)
+
+
+def test_log1mexp_is_accurate_at_both_ends():
+    x = torch.tensor([-1e-8, -1e-3, -0.5, -0.7, -5.0, -50.0], dtype=torch.float64)
+    # log(1 - e^x) to 50 digits (Python's decimal module)
+    expected = torch.tensor([-18.420680748952364, -6.908255237315471, -0.9327521295671886, -0.6863410028083851,
+                             -0.006760749449488557, -1.9287498479639178e-22], dtype=torch.float64)
+    torch.testing.assert_close(log1mexp(x), expected, rtol=1e-9, atol=0)
+
+
+def test_mean_logps_equal_trls_batch_logps_on_the_same_logits():
+    """The per-answer log-prob (sum and mean over answer tokens), chunked, against TRL's function on full logits."""
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    model = tiny_model("qwen2.5", vocab_size=500)
+    generator = torch.Generator().manual_seed(7)
+    input_ids = torch.randint(3, 500, (4, 20), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2:, 15:] = 0  # padded rows
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :6] = -100  # prompts
+    objective = PreferenceObjective(ObjectiveConfig(name="orpo"), SFTObjective(model, 7, log=lambda m: None),
+                                    log=lambda m: None)
+    batch = Batch({"input_ids": input_ids, "attention_mask": attention_mask}, labels, int(attention_mask.sum()))
+    logps, tokens = objective.sequence_logps(model, batch)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    torch.testing.assert_close(logps, ORPOTrainer.get_batch_logps(logits, labels), rtol=REL, atol=1e-5)
+    torch.testing.assert_close(logps / tokens, ORPOTrainer.get_batch_logps(logits, labels, average_log_prob=True),
+                               rtol=REL, atol=1e-6)

@@ -1,0 +1,83 @@
+"""Preference tuning (DPO, IPO, SimPO, ORPO) as an objective: the same recipe, strategies, checkpoints and logs as
+supervised fine-tuning; only what a micro batch's loss is changes.
+
+A micro batch holds whole pairs (trainer/data/pairs.py): rows [chosen_1..chosen_m, rejected_1..rejected_m], one
+forward for both sides. Each side's log-probability is the sum over its answer's tokens, computed with the chunked
+cross-entropy (the full logits never exist), per row. The loss of a step is the mean over the global batch's pairs:
+`loss_units` (pairs) takes the place of SFT's label-token count in the recipe's normalisation.
+
+The reference model of DPO and IPO is the policy as training starts (the base, or the base with `peft.init_from`'s
+adapter): its log-probabilities for every training and validation pair are computed once, in one pass before the
+first step, and kept in the run directory (trainer/objectives/reference.py). No second model is held in memory,
+under any strategy. SimPO and ORPO need no reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from trainer.objectives.losses import DEFAULT_BETA, REFERENCE_FREE, preference_losses
+
+# Per-step metrics, each a sum over pairs until the recipe divides by the global batch's pair count.
+# preference_accuracy: the chosen answer has the higher reward (0 before training for DPO/IPO, whose rewards start at
+# 0); logps_accuracy: the model itself gives the chosen answer the higher log-probability (meaningful before training).
+PAIR_METRICS = ("rewards_chosen", "rewards_rejected", "reward_margin", "preference_accuracy", "logps_chosen",
+                "logps_rejected", "logps_accuracy")
+
+
+class PreferenceObjective:
+    pairs = True
+
+    def __init__(self, cfg, sft, log=print):
+        self.method = cfg.name
+        self.beta = cfg.beta if cfg.beta is not None else DEFAULT_BETA[self.method]
+        self.label_smoothing, self.gamma = cfg.label_smoothing, cfg.simpo_gamma
+        self.sft = sft  # computes the log-probabilities (chunked) and the evaluation's token loss
+        self.needs_reference = self.method not in REFERENCE_FREE
+        self.reference = None  # trainer/objectives/reference.py's ReferenceLogps, set by the recipe
+        log(f"objective: {self.method} (beta {self.beta:g}"
+            + (f", label smoothing {self.label_smoothing:g}" if self.label_smoothing else "")
+            + (f", gamma {self.gamma:g}" if self.method == "simpo" else "")
+            + (", reference: the starting policy's log-probs, computed once" if self.needs_reference else
+               ", no reference model") + ")")
+
+    def describe(self) -> str:
+        return f"{self.method} over pairs; log-probs from {self.sft.describe()}"
+
+    # The evaluation's token loss and perplexity are the chosen answers', as for SFT.
+    def loss_sum(self, model, inputs: dict, labels, autocast=contextlib.nullcontext):
+        return self.sft.loss_sum(model, inputs, labels, autocast)
+
+    @staticmethod
+    def loss_units(rows) -> int:
+        return len(rows)
+
+    def collate(self, rows, pad_id: int, attention: str = "sdpa"):
+        from trainer.data.loader import collate
+
+        return collate([p.chosen for p in rows] + [p.rejected for p in rows], pad_id, attention)
+
+    def sequence_logps(self, model, batch, autocast=contextlib.nullcontext):
+        """(log-probability sums [2m], answer token counts [2m]) of the batch's rows."""
+        tokens = (batch.labels[:, 1:] != -100).sum(dim=1)
+        return -self.sft.row_loss_sums(model, batch.inputs, batch.labels, autocast), tokens
+
+    def pair_loss(self, model, batch, reference=None, autocast=contextlib.nullcontext):
+        """(sum of the pairs' losses, {metric: sum over the pairs}) for a micro batch of m pairs; `reference`: the
+        pairs' reference log-probs [m, 2] (chosen, rejected), for DPO/IPO."""
+        logps, tokens = self.sequence_logps(model, batch, autocast)
+        m = logps.size(0) // 2
+        ref_chosen = ref_rejected = None
+        if self.needs_reference:
+            reference = reference.to(logps.device, logps.dtype)
+            ref_chosen, ref_rejected = reference[:, 0], reference[:, 1]
+        losses, chosen_rewards, rejected_rewards = preference_losses(
+            self.method, logps[:m], logps[m:], tokens[:m], tokens[m:], ref_chosen, ref_rejected, beta=self.beta,
+            label_smoothing=self.label_smoothing, gamma=self.gamma)
+        detached = logps.detach()
+        stats = {"rewards_chosen": chosen_rewards.sum(), "rewards_rejected": rejected_rewards.sum(),
+                 "reward_margin": (chosen_rewards - rejected_rewards).sum(),
+                 "preference_accuracy": (chosen_rewards > rejected_rewards).float().sum(),
+                 "logps_chosen": detached[:m].sum(), "logps_rejected": detached[m:].sum(),
+                 "logps_accuracy": (detached[:m] > detached[m:]).float().sum()}
+        return losses.sum(), stats
