@@ -92,6 +92,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
+def pytest_runtest_logreport(report):
+    """With TRAINER_TEST_TIMINGS=FILE, one line per test as it finishes: seconds, outcome, id (the controller's view
+    under xdist). `--durations` prints only at the end of a run; this shows where a long run's time goes meanwhile."""
+    path = os.environ.get("TRAINER_TEST_TIMINGS")
+    if not path or os.environ.get("PYTEST_XDIST_WORKER"):  # workers report to the controller, which writes
+        return
+    if report.when == "call" or report.failed or report.duration > 1:  # module fixtures' cost shows in "setup"
+        with open(path, "a") as fh:
+            fh.write(f"{report.duration:8.1f} {report.outcome:7s} {report.when:8s} {report.nodeid}\n")
+
+
 # A few quick steps of the embedded default, shared by the end-to-end tests.
 QUICK = ("train.max_steps=6", "train.micro_batch_size=4", "train.global_batch_size=8", "eval.max_batches=2",
          "eval.generate_samples=4", "eval.max_new_tokens=8", "logger.progress=false", "logger.plot=true")

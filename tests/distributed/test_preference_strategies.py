@@ -31,7 +31,7 @@ def single(tmp_path_factory) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero3"])
+@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.extended), "fsdp", "zero3"])
 def test_dpo_on_two_ranks_matches_single_process(strategy, single, tmp_path):
     losses = _train(tmp_path / "run", f"strategy={strategy}", ranks=2)
     expected = train_losses(single)

@@ -125,8 +125,13 @@ def _merged_export_equals_the_adapter_on_its_base(base_dir, run_dir, out):
     assert torch.allclose(merged, with_adapter, atol=1e-4, rtol=1e-4)
 
 
+def _families(kept_by_make_test: tuple[str, ...]):
+    """Every family; `make test` runs those whose quirks the test exercises most, `make test-all` all of them."""
+    return [pytest.param(f, marks=[] if f in kept_by_make_test else [pytest.mark.extended]) for f in FAMILY_LINEARS]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family", list(FAMILY_LINEARS))
+@pytest.mark.parametrize("family", _families(("llama-3.1", "mixtral", "phi-3")))  # 128k vocab, MoE, fused
 def test_qlora_trains_every_family_and_generate_speaks_its_chat_format(family, replicas, tmp_path):
     run_dir = tmp_path / "run"
     _train_briefly(replicas[family], run_dir, tmp_path / "cache", "peft=qlora")
@@ -137,8 +142,8 @@ def test_qlora_trains_every_family_and_generate_speaks_its_chat_format(family, r
     assert TURN_MARKERS[family] in record["input"] and "Hello there" in record["input"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("family", list(FAMILY_LINEARS))
+@pytest.mark.slow  # tied embeddings, biases, MoE router, soft-capping, fused projections:
+@pytest.mark.parametrize("family", _families(("llama-3.2", "qwen2.5", "mixtral", "gemma-2", "phi-3")))
 def test_full_fine_tuning_resumes_exactly_in_every_family(family, replicas, tmp_path):
     """Full fine-tuning of each replica (every weight trains: tied embeddings, biases, experts, fused projections),
     checkpointed at step 1: resuming from that checkpoint gives step 2's loss bit for bit. The recipe runs in this

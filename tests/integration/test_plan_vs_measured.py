@@ -85,9 +85,11 @@ def replica(tmp_path_factory) -> Path:
     return build_replica("llama-3.1", tmp_path_factory.mktemp("replica") / "llama-3.1")
 
 
-def case_params():
+def case_params(extended: tuple[str, ...] = ()):
+    """Every case; those in `extended` run under `make test-all` only (`make test` keeps one of each kind)."""
     for name, (ranks, _) in CASES.items():
         marks = [pytest.mark.distributed] if ranks > 1 else []
+        marks += [pytest.mark.extended] if name in extended else []
         yield pytest.param(name, marks=marks, id=name.replace("/", "-"))
 
 
@@ -125,7 +127,8 @@ def deviation(prediction: float, measurement: float) -> str:
     return f"predicted {prediction / 1e6:.1f} MB, measured {measurement / 1e6:.1f} MB ({change:+.1%})"
 
 
-@pytest.mark.parametrize("name", list(case_params()))
+@pytest.mark.parametrize("name", list(case_params(extended=("single/qlora", "replica-128k/lora-unchunked",
+                                                             "replica-128k/qlora"))))
 def test_model_states_match_the_cli_summary(name, tmp_path, request):
     """Comparison 1 (module docstring): summary.json's per-rank model states against the planner's."""
     ranks, _ = CASES[name]
@@ -156,7 +159,7 @@ def run_probe(run_dir: Path, overrides: tuple[str, ...], ranks: int) -> list[dic
     return [json.loads((run_dir / f"probe-rank{rank}.json").read_text()) for rank in range(ranks)]
 
 
-@pytest.mark.parametrize("name", list(case_params()))
+@pytest.mark.parametrize("name", list(case_params(extended=("replica-128k/qlora",))))
 def test_step_peak_matches_the_plan(name, tmp_path, request):
     """Comparison 2 (module docstring): the tracked-allocation peak of a real training step, on every rank."""
     replica = request.getfixturevalue("replica") if name.startswith("replica") else None
