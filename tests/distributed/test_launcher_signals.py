@@ -26,8 +26,11 @@ def _committed(run_dir: Path) -> list[int]:
     return sorted(int(p.parent.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*/COMMITTED"))
 
 
-@pytest.mark.parametrize("target, sig", [("launcher", signal.SIGTERM), ("launcher", signal.SIGUSR1),
-                                         ("launcher", signal.SIGKILL), ("torchrun", signal.SIGKILL),
+_EXTENDED = pytest.mark.extended  # `make test-all`: the same paths with the other signal
+@pytest.mark.parametrize("target, sig", [("launcher", signal.SIGTERM), pytest.param("launcher", signal.SIGUSR1,
+                                                                                    marks=_EXTENDED),
+                                         ("launcher", signal.SIGKILL),
+                                         pytest.param("torchrun", signal.SIGKILL, marks=_EXTENDED),
                                          ("torchrun", signal.SIGUSR1)],
                          ids=lambda value: value.name if isinstance(value, signal.Signals) else value)
 def test_workers_checkpoint_and_stop_and_nothing_survives(target, sig, tmp_path):

@@ -31,7 +31,9 @@ def single(tmp_path_factory) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.extended), "fsdp", "zero3"])
+# `make test` runs ZeRO-3 (sharded forwards in lockstep for the reference pass); `make test-all` ddp and fsdp too.
+@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.extended),
+                                      pytest.param("fsdp", marks=pytest.mark.extended), "zero3"])
 def test_dpo_on_two_ranks_matches_single_process(strategy, single, tmp_path):
     losses = _train(tmp_path / "run", f"strategy={strategy}", ranks=2)
     expected = train_losses(single)
