@@ -69,7 +69,10 @@ def run(overrides: list[str]) -> int:
     check_tokenizer_files(config.model)
     parsed = parse_sources(config.data)  # bad records fail here, before the tokenizer is loaded
     tokenizer = load_tokenizer(config.model)
-    data = prepare_datasets(config.data, tokenizer, config.seed, config.paths.cache_dir, parsed=parsed)
+    from trainer.objectives import is_preference
+
+    data = prepare_datasets(config.data, tokenizer, config.seed, config.paths.cache_dir, parsed=parsed,
+                            pairs=is_preference(config.objective))
     lengths = data.train.table.lengths[data.train.slots] if len(data.train.slots) else []
     micro = config.train.micro_batch_size
     print(format_report(data.report, padding_efficiency(lengths, micro, config.seed), micro))

@@ -78,3 +78,12 @@ def test_a_preference_objective_on_data_without_pairs_is_a_one_line_error(tmp_pa
     result = run_cli("train", f"run.dir={tmp_path / 'run'}", "objective.name=dpo", f"data.path={alpaca}",
                      timeout=120)
     assert_one_line_error(result, str(alpaca), "no preference pairs", "objective=sft")
+
+
+def test_data_check_of_a_preference_run_builds_the_pairs_it_will_train(tmp_path):
+    result = run_cli("data", "check", "experiment=demo-dpo", timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "data is usable: 180 training rows" in result.stdout
+    assert "rejected answers are unused" not in result.stdout + result.stderr  # the SFT view's warning
+    sft = run_cli("data", "check", "experiment=demo-dpo", "objective.name=sft", timeout=120)
+    assert "rejected answers are unused" in sft.stdout + sft.stderr

@@ -88,6 +88,7 @@ class PairRows(Sequence):
         import numpy as np
 
         self.chosen, self.rejected, self.pair = chosen, rejected, pair
+        self.table = chosen  # what `trainer data check` shows and measures: the chosen sides
         self.slots = np.asarray(slots, dtype=np.int64)
         self.packing = False
         self.num_tokens = int(chosen.lengths[self.slots].sum() + rejected.lengths[pair[self.slots]].sum()) \
