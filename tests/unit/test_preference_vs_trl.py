@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 trl = pytest.importorskip("trl")
 
+from tests.conftest import REPO  # noqa: E402
 from tests.unit.test_chunked_loss import tiny_model  # noqa: E402
 from trainer.config.schema import ObjectiveConfig  # noqa: E402
 from trainer.data.loader import Batch  # noqa: E402
@@ -32,11 +33,8 @@ PAIRS = [
 
 
 def tokenizer():
-    from pathlib import Path
-
-    from trainer import model as trainer_model  # noqa: F401  (the asset path below is the embedded model's)
-
-    path = Path(__file__).resolve().parents[2] / "trainer" / "assets" / "tiny-llama" / "tokenizer.json"
+    """The embedded model's BPE tokenizer, with the special tokens TRL's collator reads."""
+    path = REPO / "trainer" / "assets" / "tiny-llama" / "tokenizer.json"
     tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path))
     tok.pad_token, tok.eos_token, tok.bos_token = "<pad>", "</s>", "<s>"
     return tok

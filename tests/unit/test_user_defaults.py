@@ -62,6 +62,14 @@ def test_the_learning_rate_follows_the_method_unless_given(user_model, peft, lr,
     assert compose_config(f"model.path={user_model}", data, f"peft={peft}", "optim.lr=5e-5").optim.lr == 5e-5
 
 
+@pytest.mark.parametrize("peft,lr", [("none", 2e-6), ("lora", 2e-5)])
+def test_preference_objectives_default_to_a_tenth_of_the_sft_learning_rate(user_model, peft, lr):
+    data = f"data.path={FIXTURES / 'data' / 'preference.json'}"
+    config = compose_config(f"model.path={user_model}", data, f"peft={peft}", "objective.name=dpo")
+    assert config.optim.lr == pytest.approx(lr)
+    assert compose_config(f"model.path={user_model}", data, "objective.name=dpo", "optim.lr=5e-7").optim.lr == 5e-7
+
+
 def test_a_short_context_model_caps_max_seq_len_and_a_named_length_wins(tmp_path):
     short = tmp_path / "short"
     short.mkdir()
