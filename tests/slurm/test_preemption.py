@@ -24,7 +24,11 @@ if TYPE_CHECKING:
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-MAX_STEPS = 12  # room for three preemptions and a few steps after each
+# Room for three preemptions and steps after each. A request is answered a few steps after it is sent (Slurm's RPC,
+# then the workers' once-a-second look at the request file), so the second run may stop several steps after the
+# one it was signalled at, and the third run's first commit must still come before the last step: at 12 steps a
+# CI run's second stop came at step 8 and the third run's first commit was the final one (step 12).
+MAX_STEPS = 24
 EVERY_N_STEPS = 4
 PREEMPTIONS = 3  # launcher.max_requeues keeps its default, 3: the third requeue is the last one allowed
 # No dropout (its random streams would differ after a resume on another node); one thread per worker, so two
@@ -74,7 +78,11 @@ def _preempt_three_times(job: tuple) -> list[float]:
     latencies.append(_wait_for_restart(job, 2) - signalled)
     # 3. Right after a checkpoint commit: the first one that the third run writes.
     committed = _committed(run_dir)
-    wait_for(lambda: _committed(run_dir) - committed, "a checkpoint commit after requeue 2", JOB_TIMEOUT_S, job=job)
+    new = wait_for(lambda: _committed(run_dir) - committed, "a checkpoint commit after requeue 2", JOB_TIMEOUT_S,
+                   job=job)
+    assert f"step-{MAX_STEPS:06d}" not in new, (
+        f"the second run stopped too late to leave the third one a commit before its last step:\n"
+        f"{job_log(run_dir, job_id)[-3000:]}")
     signalled = _preempt(cluster, job_id)
     latencies.append(_wait_for_restart(job, 3) - signalled)
     return latencies
