@@ -205,6 +205,7 @@ def load_models(source: str, adapters: list[tuple[str, str]], trust_remote_code:
     for directory in {base_dir or base_of_adapter, tokenizer_dir}:  # before transformers imports any of it
         refuse_untrusted(directory, trust_remote_code, "--trust-remote-code")
     trust = {"trust_remote_code": trust_remote_code}
+    check_shapes(base_dir or base_of_adapter, bool(base_dir), [path for _, path in adapters], trust_remote_code)
     if not adapters:
         from transformers import AutoModelForCausalLM
 
@@ -222,6 +223,55 @@ def load_models(source: str, adapters: list[tuple[str, str]], trust_remote_code:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer, [name for name, _ in adapters], run_config
+
+
+def check_shapes(base: str | None, base_has_weights: bool, adapters: list[str], trust_remote_code: bool) -> None:
+    """Weights must have the shapes their configs give (a config.json or adapter_config.json edited or copied from
+    another run would otherwise fail deep inside transformers or PEFT): compared on the meta device from the files'
+    headers, before anything loads. A model that cannot be built on the meta device is left to the loaders."""
+    import warnings
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trainer.weights import WEIGHTS_NAME, first_shape_mismatch, indexed_weight_files, safetensors_shapes
+
+    def meta_base():
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+    if not base or not os.path.isfile(os.path.join(base, "config.json")):
+        return
+    try:
+        model = meta_base()
+    except Exception:  # noqa: BLE001 -- remote code, an unknown architecture: the loader's own error will say
+        return
+    has_safetensors = indexed_weight_files(base) or os.path.isfile(os.path.join(base, WEIGHTS_NAME))
+    if base_has_weights and has_safetensors:
+        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        problem = first_shape_mismatch(safetensors_shapes(base), expected)
+        if problem:
+            raise UserError(f"generate: the weights in {base} do not match its config.json: {problem}; restore the "
+                            "config.json that was written with them")
+    from peft import PeftConfig, get_peft_model, get_peft_model_state_dict
+
+    for path in adapters:
+        if not os.path.isfile(os.path.join(path, "adapter_model.safetensors")):
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                adapted = get_peft_model(meta_base(), PeftConfig.from_pretrained(path))
+                expected = {name: tuple(t.shape) for name, t in get_peft_model_state_dict(adapted).items()}
+        except Exception:  # noqa: BLE001 -- a config PEFT cannot apply: load_adapter_model reports it
+            continue
+        problem = first_shape_mismatch(safetensors_shapes(path, ["adapter_model.safetensors"]), expected)
+        if problem:
+            raise UserError(f"generate: the adapter in {path} does not match its adapter_config.json: {problem}; "
+                            "restore the adapter_config.json that was written with it (`trainer export RUN --to "
+                            "adapter` writes both from a checkpoint)")
 
 
 def generate_all(model, tokenizer, texts: list[str], names: list[str], max_new_tokens: int, base_too: bool):

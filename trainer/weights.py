@@ -96,6 +96,26 @@ def iter_safetensors(model_dir: str) -> Iterator[tuple[str, object]]:
                 yield key, handle.get_tensor(key)
 
 
+def safetensors_shapes(directory: str, files: list[str] | None = None) -> dict[str, tuple]:
+    """{tensor name: shape} of a (possibly sharded) safetensors model or adapter, from the headers alone."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for file in files or indexed_weight_files(directory) or [WEIGHTS_NAME]:
+        with safe_open(os.path.join(directory, file), framework="pt") as handle:
+            for key in handle.keys():
+                shapes[key] = tuple(handle.get_slice(key).get_shape())
+    return shapes
+
+
+def first_shape_mismatch(found: dict, expected: dict) -> str | None:
+    """The first tensor whose shape in a file (`found`) differs from the shape its config gives (`expected`)."""
+    for name, shape in found.items():
+        if name in expected and tuple(expected[name]) != tuple(shape):
+            return f"{name} is {list(shape)} in the file, {list(expected[name])} by the config"
+    return None
+
+
 def check_safetensors_files(directory: str) -> None:
     """Every *.safetensors file in `directory` must be as long as its header says: a truncated or cut file (a copy
     that stopped, a full disk) is one line naming it, not a traceback from deep inside a loader."""

@@ -204,3 +204,23 @@ def test_a_truncated_final_adapter_is_one_line_naming_the_file(lora_run, tmp_pat
                           "truncated")
     assert_one_line_error(run_cli("export", str(run_dir), "--to", "adapter", "--out", str(tmp_path / "out")),
                           str(weights), "truncated")
+
+
+def test_generate_refuses_an_adapter_whose_config_disagrees_with_its_tensors_in_one_line(lora_run, tmp_path):
+    run_dir = _copy(lora_run, tmp_path)
+    config_path = run_dir / "final" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["r"] = config["r"] // 2  # e.g. an adapter_config.json copied from another run
+    config_path.write_text(json.dumps(config))
+    assert_one_line_error(run_cli("generate", str(run_dir), "Where does the flunk live?"), str(run_dir / "final"),
+                          "does not match its adapter_config.json", f"[{config['r']},")
+
+
+def test_generate_refuses_a_model_whose_config_disagrees_with_its_weights_in_one_line(tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(REPO / "trainer" / "assets" / "tiny-llama", model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["intermediate_size"] *= 2
+    (model_dir / "config.json").write_text(json.dumps(config))
+    assert_one_line_error(run_cli("generate", str(model_dir), "Where does the flunk live?"), str(model_dir),
+                          "do not match its config.json", "mlp")
