@@ -67,12 +67,13 @@ def run(overrides: list[str]) -> int:
 
     config = compose(overrides)
     check_tokenizer_files(config.model)
-    parsed = parse_sources(config.data)  # bad records fail here, before the tokenizer is loaded
-    tokenizer = load_tokenizer(config.model)
-    from trainer.objectives import is_preference
+    from trainer.objectives import UNPAIRED, pair_mode
 
-    data = prepare_datasets(config.data, tokenizer, config.seed, config.paths.cache_dir, parsed=parsed,
-                            pairs=is_preference(config.objective))
+    pairs = pair_mode(config.objective)
+    # Bad records fail here, before the tokenizer is loaded.
+    parsed = parse_sources(config.data, keep_undesirable=pairs == UNPAIRED)
+    tokenizer = load_tokenizer(config.model)
+    data = prepare_datasets(config.data, tokenizer, config.seed, config.paths.cache_dir, parsed=parsed, pairs=pairs)
     lengths = data.train.table.lengths[data.train.slots] if len(data.train.slots) else []
     micro = config.train.micro_batch_size
     print(format_report(data.report, padding_efficiency(lengths, micro, config.seed), micro))

@@ -201,7 +201,9 @@ def build_request(sections: dict[str, Any]) -> PlanRequest:
         # A micro batch of m pairs is 2m rows (chosen and rejected, one forward); the reference model costs no GPU
         # memory: its log-probs are computed once before training (trainer/objectives/reference.py).
         rows_per_example = 2
-        notes.append(f"objective={sections['objective'].name}: a micro batch of {train.micro_batch_size} pair(s) is "
+        name = sections["objective"].name
+        unit = "answer(s), each beside a mismatched one for the KL estimate," if name == "kto" else "pair(s)"
+        notes.append(f"objective={name}: a micro batch of {train.micro_batch_size} {unit} is "
                      f"{2 * train.micro_batch_size} rows, planned as such; no reference model is held (its "
                      "log-probs are computed once, in one pass, before step 1)")
     try:

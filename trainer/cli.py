@@ -22,8 +22,8 @@ commands:
                              trainer train -m optim.lr=1e-4,2e-4  (a sweep: one run dir per point)
                              trainer train launcher=slurm launcher.nodes=2  (submit to Slurm; docs/slurm.md)
                              trainer train my.yaml optim.lr=1e-4  (your own config file, then overrides)
-                             trainer train data.path=pairs.jsonl objective.name=dpo  (or ipo, simpo, orpo;
-                                 preference tuning on chosen/rejected pairs: docs/preference.md)
+                             trainer train data.path=pairs.jsonl objective.name=dpo  (or ipo, simpo, orpo, kto;
+                                 preference tuning on pairs or labelled answers: docs/preference.md)
   data check [OVERRIDES]
                         load, validate and tokenise the data a run would use; print counts, lengths, packing
   plan [OVERRIDES] [--json]

@@ -66,9 +66,9 @@ def evaluate_loss(model, rows: list[EncodedSample], strategy, batch_size: int, p
 
 def evaluate_pairs(model, objective, pairs: list, reference, strategy, batch_size: int, pad_id: int, attention: str,
                    max_batches: int = 0, check=None) -> dict:
-    """Preference metrics on validation pairs (trainer/objectives/preference.py): the objective's loss, preference
-    accuracy (the share of pairs whose chosen answer gets the higher reward), reward margin and the chosen/rejected
-    rewards and log-probs, as means over pairs. Ranks run the same number of batches, as in `evaluate_loss`."""
+    """Preference metrics on validation pairs (trainer/objectives/preference.py, kto.py): the objective's loss,
+    preference accuracy, reward margin and the chosen/rejected rewards and log-probs, as the objective summarises
+    them. Ranks run the same number of batches, as in `evaluate_loss`."""
     import torch
 
     indices = list(range(len(pairs)))
@@ -88,7 +88,7 @@ def evaluate_pairs(model, objective, pairs: list, reference, strategy, batch_siz
                 batch_indices = batch_indices or [0]
                 batch = objective.collate([pairs[i] for i in batch_indices], pad_id, attention).to(strategy.device)
                 refs = reference[batch_indices] if reference is not None else None
-                loss, stats = objective.pair_loss(model, batch, refs, strategy.autocast)
+                loss, stats = objective.pair_loss(model, batch, refs, strategy.autocast, padding=padding_batch)
                 if not padding_batch:
                     count += len(batch_indices)
                     for key, value in {"preference_loss": loss, **stats}.items():
@@ -96,14 +96,8 @@ def evaluate_pairs(model, objective, pairs: list, reference, strategy, batch_siz
     finally:
         model.train(was_training)
     count = strategy.all_reduce_sum(count)
-    return {key: strategy.all_reduce_sum(sums.get(key, 0.0)) / max(count, 1)
-            for key in ("preference_loss", *objective_metric_names())}
-
-
-def objective_metric_names() -> tuple[str, ...]:
-    from trainer.objectives.preference import PAIR_METRICS
-
-    return PAIR_METRICS
+    reduced = {key: strategy.all_reduce_sum(sums.get(key, 0.0)) for key in ("preference_loss", *objective.stat_names)}
+    return {"preference_loss": reduced["preference_loss"] / max(count, 1), **objective.summarise(reduced, count)}
 
 
 def normalize_answer(text: str) -> str:

@@ -58,10 +58,10 @@ class Recipe:
         self.logger = build_logger(config.logger, self.run_dir, config.run.name, config_to_dict(config),
                                    self.strategy.is_main)
         self.tokenizer = load_tokenizer(config.model)
-        from trainer.objectives import is_preference
+        from trainer.objectives import pair_mode
 
         self.data = build_datasets(config.data, self.tokenizer, config.seed, cache_dir=config.paths.cache_dir,
-                                   pairs=is_preference(config.objective))
+                                   pairs=pair_mode(config.objective))
         self.logger.info(self.data.report.summary_line())
         for warning in self.data.report.warnings():
             self.logger.info(warning)
@@ -78,7 +78,8 @@ class Recipe:
 
         self.objective = build_objective(config.objective, self.strategy.unwrap(self.model), log=self.logger.info)
         self.pairs = getattr(self.objective, "pairs", False)
-        self.reference: dict | None = None  # DPO/IPO: {"train": [n, 2], "val": [n_val, 2]} reference log-probs
+        # DPO/IPO/KTO: {"train": [n, 2], "val": [n_val, 2]} reference log-probs (KTO: answer, mismatched answer)
+        self.reference: dict | None = None
         self.state = TrainState()
         self.state_bytes: dict | None = None  # this rank's parameter/gradient/optimizer bytes after step 1
 
@@ -188,7 +189,7 @@ class Recipe:
         return status, eval_after, final_dir
 
     def _prepare_reference(self, resumed: bool) -> None:
-        """DPO/IPO: the starting policy's log-probs of every pair, computed before step 1 or loaded on resume."""
+        """DPO/IPO/KTO: the starting policy's log-probs of every pair, computed before step 1 or loaded on resume."""
         if not (self.pairs and self.objective.needs_reference):
             return
         from trainer.objectives.reference import FILE, compute_reference_logps, load_reference, save_reference
@@ -300,8 +301,10 @@ class Recipe:
         loss = strategy.all_reduce_sum(float(loss_sum)) / num_label_tokens
         if self.router_loss:  # logged apart from the language-model loss, which stays comparable with eval loss
             metrics["router_aux_loss"] = strategy.all_reduce_sum(float(router_sum)) * router_share
-        for key, value in pair_sums.items():  # preference metrics: means over the global batch's pairs
-            metrics[key] = strategy.all_reduce_sum(value) / num_label_tokens
+        if self.pairs:  # preference metrics over the global batch's pairs (KTO: its answers)
+            metrics.update(self.objective.summarise(
+                {key: strategy.all_reduce_sum(pair_sums.get(key, 0.0)) for key in self.objective.stat_names},
+                num_label_tokens))
         # fp16's loss scaler skips overflowing steps by design; elsewhere an unapplied step means NaN/inf gradients.
         nonfinite = "loss" if not math.isfinite(loss) else (
             "gradient norm" if not applied and cfg.train.precision != "fp16" else None)

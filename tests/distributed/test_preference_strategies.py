@@ -45,3 +45,18 @@ def test_dpo_on_two_ranks_matches_single_process(strategy, single, tmp_path):
     expected_evals = [r for r in read_metrics(single) if "eval_logps_chosen" in r]
     assert evals[-1]["eval_logps_chosen"] == pytest.approx(expected_evals[-1]["eval_logps_chosen"], rel=1e-3)
     assert (tmp_path / "run" / "reference_logps.safetensors").read_bytes() != b""
+
+
+def test_kto_on_two_ranks_matches_single_process_with_the_kl_estimate_over_both_ranks(tmp_path):
+    """KTO's KL estimate is a mean over one micro step's answers on all ranks (as TRL gathers it): 2 ranks x micro 2
+    see the same 4 answers per micro step as one process with micro 4, so the losses agree."""
+    kto = ("objective.name=kto",)
+    _train(tmp_path / "single", *kto, "strategy=single", "train.micro_batch_size=4", ranks=1)
+    losses = _train(tmp_path / "ddp", *kto, "strategy=ddp", ranks=2)
+    expected = train_losses(tmp_path / "single")
+    assert sorted(losses) == [1, 2, 3]
+    for step, loss in expected.items():
+        assert losses[step] == pytest.approx(loss, rel=1e-4), f"step {step}"
+    kl = [r["kl"] for r in read_metrics(tmp_path / "ddp") if "kl" in r]
+    expected_kl = [r["kl"] for r in read_metrics(tmp_path / "single") if "kl" in r]
+    assert kl[-1] > 0 and kl == pytest.approx(expected_kl, rel=1e-3, abs=1e-6)

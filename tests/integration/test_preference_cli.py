@@ -50,6 +50,30 @@ def test_every_method_trains_pairs_and_logs_its_metrics(method, tmp_path):
     assert (run_dir / "final" / "adapter_config.json").is_file()
 
 
+KTO_METRICS = ("rewards_chosen", "rewards_rejected", "reward_margin", "preference_accuracy", "logps_chosen",
+               "logps_rejected", "kl")
+
+
+def test_kto_trains_the_pairs_as_labelled_answers_and_logs_its_metrics(tmp_path):
+    run_dir = tmp_path / "kto"
+    result = _train(run_dir, "objective.name=kto", "objective.undesirable_weight=1.5")
+    assert "360 KTO answers (180 desirable, 180 undesirable)" in result.stderr  # the demo's 180 pairs, unpaired
+    assert "objective: kto" in result.stderr
+    steps = [r for r in read_metrics(run_dir) if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for record in steps:
+        assert all(key in record for key in KTO_METRICS) and "logps_accuracy" not in record, record
+    # At step 1 the policy is its reference (log-ratios and KL 0): each answer's loss is its weight x (1 - 1/2),
+    # 0.5 desirable and 0.75 undesirable, so the mean over the batch's 8 answers is 0.5 + 0.25 x (undesirable / 8).
+    assert steps[0]["kl"] == pytest.approx(0, abs=1e-6)
+    undesirable = (steps[0]["loss"] - 0.5) * 32
+    assert undesirable == pytest.approx(round(undesirable), abs=1e-4) and 0 <= round(undesirable) <= 8
+    assert steps[-1]["kl"] >= 0 and steps[-1]["rewards_chosen"] != 0
+    assert (run_dir / "reference_logps.safetensors").is_file()
+    summary = read_summary(run_dir)
+    assert 0 <= summary["eval_after"]["preference_accuracy"] <= 1 and "kl" in summary["eval_after"]
+
+
 def test_dpo_resumes_exactly_from_a_checkpoint_with_its_recorded_reference(tmp_path):
     run_dir = tmp_path / "run"
     _train(run_dir, "checkpoint.every_n_steps=2", "checkpoint.keep_last=0")

@@ -167,3 +167,70 @@ def test_mean_logps_equal_trls_batch_logps_on_the_same_logits():
     torch.testing.assert_close(logps, ORPOTrainer.get_batch_logps(logits, labels), rtol=REL, atol=1e-5)
     torch.testing.assert_close(logps / tokens, ORPOTrainer.get_batch_logps(logits, labels, average_log_prob=True),
                                rtol=REL, atol=1e-6)
+
+
+KTO_EXAMPLES = [
+    {"prompt": "What colour is the kum?", "completion": " The kum is blue.", "label": True},
+    {"prompt": "Where does the zap live?", "completion": " The zap lives in the big river.", "label": False},
+    {"prompt": "What does the flunk eat?", "completion": " Seeds.", "label": True},
+    {"prompt": "How old is the grob?", "completion": " Older than the hills, or so.", "label": False},
+]
+
+
+def _padded(left, right, pad_id: int):
+    """One Batch of the rows of two (ids, attention, completion mask) triples, right-padded to one width."""
+    width = max(left[0].size(1), right[0].size(1))
+
+    def pad(tensor, value):
+        return torch.nn.functional.pad(tensor, (0, width - tensor.size(1)), value=value)
+
+    ids = torch.cat([pad(left[0], pad_id), pad(right[0], pad_id)])
+    attention = torch.cat([pad(left[1], 0), pad(right[1], 0)])
+    completion = torch.cat([pad(left[2], 0), pad(right[2], 0)])
+    return Batch({"input_ids": ids, "attention_mask": attention}, ids.masked_fill(completion == 0, -100),
+                 int(attention.sum()))
+
+
+def test_kto_loss_kl_and_rewards_equal_trls_with_a_peft_reference(tmp_path):
+    """KTO: TRL's KTOTrainer pairs each prompt with the previous example's completion for the KL estimate; the
+    same rows through our objective give the same loss, KL and per-label rewards and log-probs."""
+    from datasets import Dataset
+
+    from trainer.objectives.kto import KTOObjective
+
+    tok = tokenizer()
+    model = peft.get_peft_model(tiny_model("llama-3.1", vocab_size=len(tok)),
+                                peft.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
+    nudge_adapter(model, seed=1, scale=0.05)
+    args = trl.KTOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(KTO_EXAMPLES),
+                         report_to=[], beta=0.1, desirable_weight=1.0, undesirable_weight=1.5, use_cpu=True,
+                         bf16=False, precompute_ref_log_probs=False, gradient_checkpointing=False)
+    trainer = trl.KTOTrainer(model=model, args=args, train_dataset=Dataset.from_list(KTO_EXAMPLES),
+                             processing_class=tok)
+    assert "ref" in model.peft_config
+    inputs = next(iter(trainer.get_train_dataloader()))
+    batch = _padded((inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]),
+                    (inputs["KL_input_ids"], inputs["KL_attention_mask"], inputs["KL_completion_mask"]),
+                    tok.pad_token_id)
+    batch.desirable = torch.as_tensor(inputs["label"], dtype=torch.bool)
+    objective = KTOObjective(ObjectiveConfig(name="kto", beta=0.1, desirable_weight=1.0, undesirable_weight=1.5),
+                             SFTObjective(model, chunk_tokens=5, log=lambda m: None), log=lambda m: None)
+    model.eval()
+    with torch.no_grad():
+        logps, _ = objective.sequence_logps(model, batch)
+    m = len(KTO_EXAMPLES)
+    reference = torch.stack([logps[:m], logps[m:]], dim=1)
+    model.train()
+    nudge_adapter(model, seed=3, scale=0.05)
+    trl_loss = trainer.compute_loss(trainer.model, inputs)
+    loss_sum, stats = objective.pair_loss(model, batch, reference)
+    ours = objective.summarise({k: float(v) for k, v in stats.items()}, m)
+    logged = dict(trainer._metrics["train"])
+    assert ours["kl"] > 0.01 and abs(ours["rewards_chosen"]) > 1e-3  # not trivial: the policy moved
+    assert (loss_sum / m).item() == pytest.approx(trl_loss.item(), rel=REL)
+    # The KL estimate is a mean of differences of log-prob sums near -50..-100: fp32 leaves ~1e-6 of it.
+    assert ours["kl"] == pytest.approx(logged["kl"][-1], abs=1e-5)
+    for ours_key, trl_key in (("logps_chosen", "logps/chosen"), ("logps_rejected", "logps/rejected"),
+                              ("rewards_chosen", "rewards/chosen"), ("rewards_rejected", "rewards/rejected"),
+                              ("reward_margin", "rewards/margins")):
+        assert ours[ours_key] == pytest.approx(logged[trl_key][-1], rel=REL, abs=1e-6), ours_key

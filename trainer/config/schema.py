@@ -365,11 +365,15 @@ class ObjectiveConfig:
     # logits never exist (training and evaluation); 0: the unchunked loss
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     fused_kernel: str = "auto"  # auto: Liger's fused linear cross-entropy on CUDA when liger_kernel is installed | none
-    # Preference objectives (dpo, ipo, simpo, orpo; docs/preference.md). beta: DPO/IPO's KL strength (IPO's tau),
-    # SimPO's reward scale, ORPO's odds-ratio weight (lambda); null: the method's usual value (0.1; SimPO 2.0).
+    # Preference objectives (dpo, ipo, simpo, orpo, kto; docs/preference.md). beta: DPO/IPO/KTO's KL strength (IPO's
+    # tau), SimPO's reward scale, ORPO's odds-ratio weight (lambda); null: the method's usual value (0.1; SimPO 2.0).
     beta: Optional[float] = None
     label_smoothing: float = 0.0  # DPO/SimPO: the assumed share of flipped labels (conservative DPO)
     simpo_gamma: float = 1.0  # SimPO's target reward margin
+    # KTO: the weights of desirable and undesirable answers' losses; with unbalanced data, keep
+    # desirable_weight x #desirable / (undesirable_weight x #undesirable) in [1, 4/3] (the KTO paper's advice)
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
 
     def __post_init__(self) -> None:
         one_of(self.name, OBJECTIVES, "name")
@@ -377,6 +381,8 @@ class ObjectiveConfig:
         one_of(self.fused_kernel, FUSED_KERNELS, "fused_kernel")
         require(self.beta is None or self.beta > 0, "beta", f"must be > 0, got {self.beta}")
         require(0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        for key in ("desirable_weight", "undesirable_weight"):
+            require(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
 
 
 @dataclass

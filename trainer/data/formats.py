@@ -10,7 +10,7 @@ turns into an error under `data.strict=true`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from trainer.config.schema import FORMAT_COLUMNS
@@ -67,6 +67,9 @@ class Example:
     source: int = 0  # index of the configured source it came from
     rejected: tuple[Message, ...] = ()  # preference pairs: the rejected answer (the chosen one is in messages)
     flags: tuple[str, ...] = ()  # keys of FLAG_REASONS: kept, but counted in the report
+    # KTO's `label`: whether the final answer is desirable (None: not labelled). The pipeline leaves undesirable
+    # answers out of supervised fine-tuning (counted as skipped) and keeps them for the KTO objective.
+    desirable: bool | None = None
 
     def text_key(self) -> str:
         """The content that de-duplication compares: roles and texts, nothing about where it came from."""
@@ -162,16 +165,15 @@ def _messages(record: Record, value: Any, field: str, columns: dict, roles: dict
     return messages
 
 
-def _kto_label(record: Record, data: dict) -> None:
-    """KTO files mark each answer desirable or not (`"label": true/false`); SFT must never learn the undesirable."""
+def _kto_label(record: Record, data: dict, example: Example) -> Example:
+    """KTO files mark each answer desirable or not (`"label": true/false`): the example, labelled."""
     label = data.get("label")
     if label is None:
-        return
+        return example
     if not isinstance(label, bool):
         raise DataError(record.path, record.line, f"field 'label' is {_type_name(label)} (expected true or false: "
                         "whether the answer is desirable, as in KTO data)")
-    if not label:
-        raise Skip("undesirable")
+    return replace(example, desirable=label)
 
 
 def turn_order_problem(messages: list[Message]) -> str | None:
@@ -227,8 +229,7 @@ def parse_chat(record: Record, columns: dict, source: int = 0) -> Example:
         raise _missing(record, data, columns["messages"], "a list of {role, content} messages")
     messages = _messages(record, data[columns["messages"]], columns["messages"], columns, CHAT_ROLES,
                          "system, user, assistant")
-    _kto_label(record, data)
-    return _conversation(record, messages, source)
+    return _kto_label(record, data, _conversation(record, messages, source))
 
 
 def parse_sharegpt(record: Record, columns: dict, source: int = 0) -> Example:
@@ -240,8 +241,7 @@ def parse_sharegpt(record: Record, columns: dict, source: int = 0) -> Example:
     system = _text(record, data, columns["system"], "a string", required=False)
     if system.strip() and messages[0].role != "system":
         messages.insert(0, Message("system", system))
-    _kto_label(record, data)
-    return _conversation(record, messages, source)
+    return _kto_label(record, data, _conversation(record, messages, source))
 
 
 def parse_text(record: Record, columns: dict, source: int = 0) -> Example:
@@ -259,7 +259,8 @@ def parse_completion(record: Record, columns: dict, source: int = 0) -> Example:
     completion = _text(record, data, columns["completion"], what)
     if not completion.strip():
         raise Skip("empty")
-    return Example((), ((prompt, False), (completion, True)), record.path, record.line, source)
+    return _kto_label(record, data, Example((), ((prompt, False), (completion, True)), record.path, record.line,
+                                            source))
 
 
 # Anthropic HH-RLHF writes each side as one string: "\n\nHuman: ...\n\nAssistant: ..." turns.

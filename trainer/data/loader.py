@@ -102,10 +102,14 @@ class Batch:
     labels: object  # torch.LongTensor, IGNORE_INDEX where no loss is taken
     num_tokens: int  # non-padding tokens, for throughput
     token_mask: object = None  # [batch, seq] 1 on real tokens, 0 on padding (None: no padding), e.g. for MoE losses
+    desirable: object = None  # KTO: bool [m], whether each of the micro batch's m answers is desirable
 
     def to(self, device) -> "Batch":
-        mask = None if self.token_mask is None else self.token_mask.to(device)
-        return Batch({k: v.to(device) for k, v in self.inputs.items()}, self.labels.to(device), self.num_tokens, mask)
+        def moved(tensor):
+            return None if tensor is None else tensor.to(device)
+
+        return Batch({k: v.to(device) for k, v in self.inputs.items()}, self.labels.to(device), self.num_tokens,
+                     moved(self.token_mask), moved(self.desirable))
 
 
 def collate(rows: list, pad_id: int, attention: str = "sdpa") -> Batch:

@@ -106,8 +106,9 @@ def decide_formats(cfg: DataConfig) -> list[str]:
     return notes
 
 
-def parse_sources(cfg: DataConfig) -> Parsed:
-    """Read and parse every source; a bad record raises DataError naming its file and line."""
+def parse_sources(cfg: DataConfig, keep_undesirable: bool = False) -> Parsed:
+    """Read and parse every source; a bad record raises DataError naming its file and line. Answers labelled
+    undesirable (KTO data) are skipped and counted unless `keep_undesirable` (the KTO objective trains on them)."""
     sources = configured_sources(cfg)
     formats, examples, reports = [], [], []
     for source in sources:
@@ -130,6 +131,9 @@ def parse_sources(cfg: DataConfig) -> Parsed:
                                     f"{_SKIP_EXPECTED[skip.reason]}; data.strict=false skips and counts such "
                                     "records)") from None
                 skipped[skip.reason] += 1
+                continue
+            if example.desirable is False and not keep_undesirable:
+                skipped["undesirable"] += 1  # supervised fine-tuning must never learn an undesirable answer
                 continue
             if example.flags and cfg.strict:
                 flag = example.flags[0]
@@ -190,20 +194,31 @@ def _encode_split(examples: list[Example], template, tokenizer, cfg: DataConfig)
     return samples, table, kept, events, stats
 
 
-def build_content(parsed: Parsed, cfg: DataConfig, tokenizer, seed: int, pairs: bool = False) -> tuple[dict, dict]:
+def build_content(parsed: Parsed, cfg: DataConfig, tokenizer, seed: int, pairs: str = "") -> tuple[dict, dict]:
     """Everything the cache stores: arrays (tokens, offsets, which samples each epoch uses) and JSON meta.
 
-    `pairs` (preference objectives): the chosen side is encoded as below, and trainer/data/pairs.py adds each
-    kept sample's rejected side."""
+    `pairs` (preference objectives, trainer.objectives.pair_mode): the chosen side (KTO: the answer) is encoded as
+    below, and trainer/data/pairs.py adds each kept sample's rejected side (KTO: its mismatched answer)."""
     import numpy as np
 
-    if pairs:
+    from trainer.objectives import PAIRED, UNPAIRED
+
+    if pairs == PAIRED:
         from trainer.data.pairs import preference_examples
 
         parsed = preference_examples(parsed)
+    elif pairs == UNPAIRED:
+        from trainer.data.pairs import kto_examples
+
+        parsed = kto_examples(parsed)
 
     template = build_template(cfg.template, tokenizer, parsed.formats)
     train, val, test, num_overlap = _hold_out(parsed, cfg, seed)
+    if pairs == UNPAIRED:  # each answer's mismatched one comes from its own split: nothing held out leaks in
+        from trainer.data.pairs import with_mismatched_answers
+
+        train, val, test = (with_mismatched_answers(split, seed, stream) for stream, split in
+                            enumerate((train, val, test)))
     _, table, kept, events, stats = _encode_split(train, template, tokenizer, cfg)
     kept_source = np.asarray([train[k].source for k in kept], dtype=np.int64)
     paths = sorted({train[k].path for k in kept})
@@ -268,7 +283,7 @@ def build_content(parsed: Parsed, cfg: DataConfig, tokenizer, seed: int, pairs: 
 
 # ------------------------------------------------------------------------------------------- loading
 def datasets_from_content(arrays: dict, meta: dict, cfg: DataConfig, cache_key: str, cache_status: str,
-                          pairs: bool = False) -> Datasets:
+                          pairs: str = "") -> Datasets:
     from trainer.data.cache import fingerprint
 
     if pairs:
@@ -296,16 +311,19 @@ def datasets_from_content(arrays: dict, meta: dict, cfg: DataConfig, cache_key: 
 
 
 def prepare_datasets(cfg: DataConfig, tokenizer, seed: int, cache_dir: str | None = None,
-                     parsed: Parsed | None = None, pairs: bool = False) -> Datasets:
+                     parsed: Parsed | None = None, pairs: str = "") -> Datasets:
     """Tokenised, split and (optionally) packed data, from the cache when an entry for these inputs exists.
-    `pairs`: preference pairs (chosen and rejected of each record) for a preference objective."""
+    `pairs` (trainer.objectives.pair_mode): preference pairs, or KTO's labelled answers, for a preference
+    objective."""
     import time
 
     from trainer.data.cache import TokenCache, fingerprint, tokenizer_fingerprint
     from trainer.data.sources import source_fingerprint
+    from trainer.objectives import PAIRED, UNPAIRED
 
     def build() -> tuple[dict, dict]:
-        return build_content(parsed or parse_sources(cfg), cfg, tokenizer, seed, pairs)
+        return build_content(parsed or parse_sources(cfg, keep_undesirable=pairs == UNPAIRED), cfg, tokenizer, seed,
+                             pairs)
 
     sources = configured_sources(cfg)
     key = fingerprint({
@@ -315,7 +333,8 @@ def prepare_datasets(cfg: DataConfig, tokenizer, seed: int, cache_dir: str | Non
                                                           "dedup", "strict", "text_unit", "text_chunking", "val_ratio",
                                                           "test_ratio")},
         "seed": seed,
-        **({"pairs": True} if pairs else {}),  # SFT keys stay what they were, so existing caches still hit
+        # SFT keys stay what they were, so existing caches still hit (and pair caches, from before KTO)
+        **({"pairs": True if pairs == PAIRED else pairs} if pairs else {}),
     })
     started = time.monotonic()
     if cfg.cache and cache_dir:
@@ -329,7 +348,7 @@ def prepare_datasets(cfg: DataConfig, tokenizer, seed: int, cache_dir: str | Non
 
 
 def build_datasets(cfg: DataConfig, tokenizer, seed: int, cache_dir: str | None = None,
-                   pairs: bool = False) -> Datasets:
+                   pairs: str = "") -> Datasets:
     """What training needs; raises DataError when nothing usable is left to train on."""
     data = prepare_datasets(cfg, tokenizer, seed, cache_dir, pairs=pairs)
     if not len(data.train):

@@ -66,6 +66,10 @@ class DataReport:
     cache: str = "off"
     pairs: bool = False  # preference pairs for a preference objective (trainer/data/pairs.py)
     pairs_dropped: int = 0  # pairs whose rejected side was dropped (too long, nothing to train on)
+    # KTO (unpaired): training answers labelled desirable / undesirable; pairs_dropped then counts answers whose
+    # mismatched side (the KL estimate's) was dropped
+    desirable: int = 0
+    undesirable: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,7 +86,11 @@ class DataReport:
                 f"rows of <= {self.max_seq_len} tokens")
         if self.packing:
             line += f"; packing efficiency {100 * self.packing_efficiency:.1f}%"
-        if self.pairs:
+        if self.pairs and (self.desirable or self.undesirable):
+            line = line.replace("training samples", f"KTO answers ({self.desirable:,} desirable, "
+                                f"{self.undesirable:,} undesirable)", 1)
+            line += (f"; {self.pairs_dropped:,} answers dropped (mismatched side)" if self.pairs_dropped else "")
+        elif self.pairs:
             line = line.replace("training samples", "preference pairs", 1)
             line += f"; {self.pairs_dropped:,} pairs dropped (rejected side)" if self.pairs_dropped else ""
         return line + f"; template {self.template}; cache {self.cache}"

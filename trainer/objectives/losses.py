@@ -9,13 +9,15 @@ for the reference-free SimPO/ORPO. `chosen`/`rejected` are sums of log-probabili
     ipo    ((c - ref_c)/n_c - (r - ref_r)/n_r - 1/(2 beta))^2   (per-token log-ratios, as TRL and the IPO authors)
     simpo  -log sigmoid(beta * (c/n_c - r/n_r) - gamma)        (no reference)
     orpo   -c/n_c - beta * log sigmoid(log odds(c/n_c) - log odds(r/n_r))   (NLL of the chosen answer + odds ratio)
+    kto    per answer y, z = (y - ref_y) the log-ratio, kl the batch's KL estimate (>= 0, no gradient):
+           desirable  w_d * (1 - sigmoid(beta * (z - kl))),  undesirable  w_u * (1 - sigmoid(beta * (kl - z)))
 """
 
 from __future__ import annotations
 
 PREFERENCE_METHODS = ("dpo", "ipo", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
-DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1}
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1, "kto": 0.1}
 
 
 def _smoothed_sigmoid_loss(logits, label_smoothing: float):
@@ -53,3 +55,14 @@ def preference_losses(method: str, chosen, rejected, chosen_tokens, rejected_tok
     else:
         raise ValueError(f"unknown preference method {method!r}; expected one of {PREFERENCE_METHODS}")
     return losses, beta * chosen_mean.detach(), beta * rejected_mean.detach()
+
+
+def kto_losses(logps, ref_logps, desirable, kl, beta: float = 0.1, desirable_weight: float = 1.0,
+               undesirable_weight: float = 1.0):
+    """(per-answer losses, rewards) for answers labelled `desirable` (bool [m]); `kl` the detached KL estimate."""
+    import torch
+
+    ratios = logps - ref_logps
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (ratios - kl))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratios))))
+    return losses, beta * ratios.detach()

@@ -1,5 +1,5 @@
-"""Preference tuning (DPO, IPO, SimPO, ORPO) as an objective: the same recipe, strategies, checkpoints and logs as
-supervised fine-tuning; only what a micro batch's loss is changes.
+"""Preference tuning (DPO, IPO, SimPO, ORPO; KTO in kto.py) as an objective: the same recipe, strategies,
+checkpoints and logs as supervised fine-tuning; only what a micro batch's loss is changes.
 
 A micro batch holds whole pairs (trainer/data/pairs.py): rows [chosen_1..chosen_m, rejected_1..rejected_m], one
 forward for both sides. Each side's log-probability is the sum over its answer's tokens, computed with the chunked
@@ -62,9 +62,19 @@ class PreferenceObjective:
         tokens = (batch.labels[:, 1:] != -100).sum(dim=1)
         return -self.sft.row_loss_sums(model, batch.inputs, batch.labels, autocast), tokens
 
-    def pair_loss(self, model, batch, reference=None, autocast=contextlib.nullcontext):
-        """(sum of the pairs' losses, {metric: sum over the pairs}) for a micro batch of m pairs; `reference`: the
-        pairs' reference log-probs [m, 2] (chosen, rejected), for DPO/IPO."""
+    # The raw sums pair_loss returns, in the order every rank reduces them; `summarise` turns them into metrics.
+    stat_names = PAIR_METRICS
+    metric_names = PAIR_METRICS
+
+    @staticmethod
+    def summarise(sums: dict, units: int) -> dict:
+        """Logged metrics from the stats summed over micro batches and ranks: means over the `units` pairs."""
+        return {key: sums[key] / max(units, 1) for key in PAIR_METRICS}
+
+    def pair_loss(self, model, batch, reference=None, autocast=contextlib.nullcontext, padding: bool = False):
+        """(sum of the pairs' losses, {stat: sum over the pairs}) for a micro batch of m pairs; `reference`: the
+        pairs' reference log-probs [m, 2] (chosen, rejected), for DPO/IPO. `padding`: an evaluation's filler batch,
+        whose stats are not counted (KTO's batch-wide KL estimate leaves it out)."""
         logps, tokens = self.sequence_logps(model, batch, autocast)
         m = logps.size(0) // 2
         ref_chosen = ref_rejected = None
