@@ -78,6 +78,10 @@ class Recipe:
 
         self.objective = build_objective(config.objective, self.strategy.unwrap(self.model), log=self.logger.info)
         self.pairs = getattr(self.objective, "pairs", False)
+        if self.pairs and config.data.packing:  # each micro batch's answers packed into rows of max_seq_len
+            self.objective.packing_capacity = config.data.max_seq_len
+            self.logger.info(f"packing: each micro batch's answers share rows of <= {config.data.max_seq_len} tokens "
+                             "(attention and positions kept per answer)")
         # DPO/IPO/KTO: {"train": [n, 2], "val": [n_val, 2]} reference log-probs (KTO: answer, mismatched answer)
         self.reference: dict | None = None
         self.state = TrainState()

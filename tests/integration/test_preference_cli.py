@@ -50,6 +50,20 @@ def test_every_method_trains_pairs_and_logs_its_metrics(method, tmp_path):
     assert (run_dir / "final" / "adapter_config.json").is_file()
 
 
+def test_dpo_with_packed_answers_gives_the_unpacked_losses(tmp_path):
+    """data.packing packs each micro batch's answers into shared rows; attention and positions stay per answer, so
+    the per-answer log-probs, and the losses, are the unpacked ones."""
+    _train(tmp_path / "padded", "objective.name=dpo")
+    result = _train(tmp_path / "packed", "objective.name=dpo", "data.packing=true")
+    assert "answers share rows of <= 64 tokens" in result.stderr
+    packed, padded = train_losses(tmp_path / "packed"), train_losses(tmp_path / "padded")
+    assert packed[1] == pytest.approx(0.6931472, rel=1e-5) and sorted(packed) == [1, 2, 3, 4]
+    for step, loss in padded.items():
+        assert packed[step] == pytest.approx(loss, rel=1e-4), f"step {step}"
+    assert read_summary(tmp_path / "packed")["eval_after"]["preference_accuracy"] == pytest.approx(
+        read_summary(tmp_path / "padded")["eval_after"]["preference_accuracy"], abs=1e-6)
+
+
 KTO_METRICS = ("rewards_chosen", "rewards_rejected", "reward_margin", "preference_accuracy", "logps_chosen",
                "logps_rejected", "kl")
 
@@ -88,13 +102,21 @@ def test_dpo_resumes_exactly_from_a_checkpoint_with_its_recorded_reference(tmp_p
     assert train_losses(run_dir) == expected
 
 
-def test_dpo_adapter_exports_merged_like_an_sft_one(tmp_path):
+def test_dpo_adapter_exports_merged_and_gguf_like_an_sft_one(tmp_path):
     run_dir = tmp_path / "run"
     _train(run_dir, "train.max_steps=2")
     result = run_cli("export", str(run_dir / "final"), "--to", "merged", "--out", str(tmp_path / "merged"),
                      timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["model_type"] == "llama"
+    # And for llama.cpp: the adapter as a GGUF LoRA adapter, read back with the gguf package's own reader.
+    gguf = pytest.importorskip("gguf")
+    out = tmp_path / "dpo-lora.gguf"
+    result = run_cli("export", str(run_dir / "final"), "--to", "gguf", "--out", str(out), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reader = gguf.GGUFReader(str(out))
+    assert reader.fields["general.type"].contents() == "adapter"
+    assert any(t.name.endswith("lora_a") for t in reader.tensors)
 
 
 def test_a_preference_objective_on_data_without_pairs_is_a_one_line_error(tmp_path):

@@ -48,7 +48,18 @@ def nudge_adapter(model, seed: int, scale: float) -> None:
                 param.add_(torch.randn(param.shape, generator=generator) * scale)
 
 
-def trl_and_ours(method: str, tmp_path, beta: float = 0.1):
+def _samples(batch):
+    """The batch's rows as EncodedSamples (padding stripped), to collate them again our way."""
+    from trainer.data.encode import EncodedSample
+
+    rows = []
+    for ids, mask, labels in zip(batch.inputs["input_ids"], batch.inputs["attention_mask"], batch.labels):
+        n = int(mask.sum())
+        rows.append(EncodedSample(ids[:n].numpy(), labels[:n].numpy()))
+    return rows
+
+
+def trl_and_ours(method: str, tmp_path, beta: float = 0.1, packing: bool = False):
     tok = tokenizer()
     model = peft.get_peft_model(tiny_model("llama-3.1", vocab_size=len(tok)),
                                 peft.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
@@ -66,6 +77,13 @@ def trl_and_ours(method: str, tmp_path, beta: float = 0.1):
                   int(inputs["attention_mask"].sum()))
     objective = PreferenceObjective(ObjectiveConfig(name=method, beta=beta),
                                     SFTObjective(model, chunk_tokens=5, log=lambda m: None), log=lambda m: None)
+    if packing:  # the same rows packed: two to four answers share a row, with block-diagonal attention
+        from trainer.objectives.preference import collate_packed
+
+        samples = _samples(batch)
+        batch = collate_packed(samples, 2 * max(len(s.input_ids) for s in samples), tok.pad_token_id,
+                               model.config._attn_implementation)  # the mask kind the model's attention reads
+        assert batch.inputs["input_ids"].size(0) < len(samples)
     model.eval()
     with torch.no_grad():  # our reference: the starting policy's log-probs, recorded once
         logps, _ = objective.sequence_logps(model, batch)
@@ -78,9 +96,9 @@ def trl_and_ours(method: str, tmp_path, beta: float = 0.1):
     return trl_loss, ours / m, {k: float(v) / m for k, v in stats.items()}, dict(trainer._metrics["train"])
 
 
-@pytest.mark.parametrize("method", ["dpo", "ipo"])
-def test_loss_logps_and_rewards_equal_trls_with_a_peft_reference(method, tmp_path):
-    trl_loss, loss, ours, logged = trl_and_ours(method, tmp_path)
+@pytest.mark.parametrize(("method", "packing"), [("dpo", False), ("ipo", False), ("dpo", True)])
+def test_loss_logps_and_rewards_equal_trls_with_a_peft_reference(method, packing, tmp_path):
+    trl_loss, loss, ours, logged = trl_and_ours(method, tmp_path, packing=packing)
     assert abs(ours["rewards_chosen"]) > 1e-3 and ours["logps_chosen"] != ours["logps_rejected"]  # not trivial
     assert loss.item() == pytest.approx(trl_loss.item(), rel=REL)
     for ours_key, trl_key in (("logps_chosen", "logps/chosen"), ("logps_rejected", "logps/rejected"),

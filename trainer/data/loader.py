@@ -103,13 +103,16 @@ class Batch:
     num_tokens: int  # non-padding tokens, for throughput
     token_mask: object = None  # [batch, seq] 1 on real tokens, 0 on padding (None: no padding), e.g. for MoE losses
     desirable: object = None  # KTO: bool [m], whether each of the micro batch's m answers is desirable
+    # Packed preference rows: per sample, in the objective's order, (row, start, end) of its tokens (None: one sample
+    # per row, row i is sample i)
+    spans: object = None
 
     def to(self, device) -> "Batch":
         def moved(tensor):
             return None if tensor is None else tensor.to(device)
 
         return Batch({k: v.to(device) for k, v in self.inputs.items()}, self.labels.to(device), self.num_tokens,
-                     moved(self.token_mask), moved(self.desirable))
+                     moved(self.token_mask), moved(self.desirable), self.spans)
 
 
 def collate(rows: list, pad_id: int, attention: str = "sdpa") -> Batch:

@@ -6,8 +6,10 @@ log-probabilities are compared), so earlier turns of a multi-turn prompt count a
 is dropped (too long for data.truncation=drop, nothing left to train on) is left out whole, and counted.
 
 The sampler draws pairs, never sides: a global batch of N counts N pairs, and a micro batch holds whole pairs, so
-the two answers of a pair are never split across micro batches or ranks. Pairs are not packed: each side is one
-padded row (the micro batch is [chosen_1..chosen_m, rejected_1..rejected_m]).
+the two answers of a pair are never split across micro batches or ranks. A micro batch is [chosen_1..chosen_m,
+rejected_1..rejected_m]: each side one padded row, or, with data.packing, the 2m answers packed into rows of
+max_seq_len tokens when the micro batch is collated (trainer/objectives/preference.py), so packing never moves an
+answer to another micro batch or rank.
 
 KTO trains on single answers labelled desirable or not (KTO files' `label`; a preference pair gives its chosen
 answer as desirable and its rejected one as undesirable). Its KL estimate needs each answer's prompt beside an
@@ -206,7 +208,7 @@ def pair_datasets(arrays: dict, meta: dict, cfg, cache_key: str, cache_status: s
     train = PairRows(table("train"), table("train", "_rejected"), arrays["train_pair"], arrays["train_slots"],
                      arrays.get("train_desirable"))
     report = DataReport.from_dict(meta["report"])
-    report.packing, report.num_rows, report.cache = False, len(train), cache_status
+    report.packing, report.num_rows, report.cache = False, len(train), cache_status  # packed per micro batch
     val_table, test_table = table("val"), table("test")
     data = Datasets(train, [val_table.sample(i) for i in whole("val")], samples("val"),
                     EncodeStats(**meta["train_stats"]), meta["num_train_records"],

@@ -52,15 +52,26 @@ class PreferenceObjective:
     def loss_units(rows) -> int:
         return len(rows)
 
+    # data.packing: the micro batch's 2m answers packed into rows of at most this many tokens (0: one per row)
+    packing_capacity = 0
+
     def collate(self, rows, pad_id: int, attention: str = "sdpa"):
         from trainer.data.loader import collate
 
-        return collate([p.chosen for p in rows] + [p.rejected for p in rows], pad_id, attention)
+        samples = [p.chosen for p in rows] + [p.rejected for p in rows]
+        if not self.packing_capacity:
+            return collate(samples, pad_id, attention)
+        return collate_packed(samples, self.packing_capacity, pad_id, attention)
 
     def sequence_logps(self, model, batch, autocast=contextlib.nullcontext):
-        """(log-probability sums [2m], answer token counts [2m]) of the batch's rows."""
-        tokens = (batch.labels[:, 1:] != -100).sum(dim=1)
-        return -self.sft.row_loss_sums(model, batch.inputs, batch.labels, autocast), tokens
+        """(log-probability sums [2m], answer token counts [2m]) of the batch's samples."""
+        import torch
+
+        if batch.spans is None:
+            tokens = (batch.labels[:, 1:] != -100).sum(dim=1)
+        else:  # a packed sample's first label is ignored by the collation, as an unpacked row's is by the shift
+            tokens = torch.stack([(batch.labels[r, s + 1:e] != -100).sum() for r, s, e in batch.spans])
+        return -self.sft.row_loss_sums(model, batch.inputs, batch.labels, autocast, batch.spans), tokens
 
     # The raw sums pair_loss returns, in the order every rank reduces them; `summarise` turns them into metrics.
     stat_names = PAIR_METRICS
@@ -91,3 +102,27 @@ class PreferenceObjective:
                  "logps_chosen": detached[:m].sum(), "logps_rejected": detached[m:].sum(),
                  "logps_accuracy": (detached[:m] > detached[m:]).float().sum()}
         return losses.sum(), stats
+
+
+def collate_packed(samples: list, capacity: int, pad_id: int, attention: str):
+    """`samples` packed best-fit into rows of at most `capacity` tokens (the answers of one pair may share a row:
+    attention and positions stay within each sample), with each sample's (row, start, end) in `samples`' order."""
+    from trainer.data.loader import collate
+    from trainer.data.packing import PackedRow, best_fit_decreasing
+
+    bins = best_fit_decreasing([len(s.input_ids) for s in samples], capacity)
+    spans: list = [None] * len(samples)
+    # With flash attention, packed rows become one flattened row (offsets run on across rows); rows of one sample
+    # each are collated padded either way.
+    flattened = attention == "flash_attention_2" and any(len(members) > 1 for members in bins)
+    offset = 0
+    for row, members in enumerate(bins):
+        start = offset if flattened else 0
+        for index in members:
+            end = start + len(samples[index].input_ids)
+            spans[index] = (0 if flattened else row, start, end)
+            start = end
+        offset = start if flattened else 0
+    batch = collate([PackedRow(tuple(samples[i] for i in members)) for members in bins], pad_id, attention)
+    batch.spans = spans
+    return batch

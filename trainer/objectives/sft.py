@@ -74,27 +74,31 @@ class SFTObjective:
             return chunked_cross_entropy_sum(hidden, labels, self.base.get_output_embeddings(), self.chunk_tokens,
                                              self.softcap)
 
-    def row_loss_sums(self, model, inputs: dict, labels, autocast=contextlib.nullcontext):
+    def row_loss_sums(self, model, inputs: dict, labels, autocast=contextlib.nullcontext, spans=None):
         """Per row of the batch, the sum of next-token cross-entropy over its label tokens (fp32, [b]): minus the
-        log-probability of the row's answer, for the preference objectives. Chunked as `loss_sum` is."""
+        log-probability of the row's answer, for the preference objectives. Chunked as `loss_sum` is. `spans`: per
+        sample of packed rows, (row, start, end); a sample's tokens predict only each other (the packed collation
+        keeps attention and positions apart), so its sum is taken over its own span."""
         import torch
 
+        if spans is None:
+            spans = [(i, 0, labels.size(1)) for i in range(labels.size(0))]
         if self.unchunked_reason:
             with autocast():
                 logits = model(**inputs).logits
-            return torch.stack([token_loss_sum(logits[i:i + 1], labels[i:i + 1]) for i in range(labels.size(0))])
+            return torch.stack([token_loss_sum(logits[r:r + 1, s:e], labels[r:r + 1, s:e]) for r, s, e in spans])
         with autocast():
             hidden = self.final_hidden_states(model, inputs)
             head = self.base.get_output_embeddings()
-            rows = []
-            for i in range(labels.size(0)):
+            sums = []
+            for r, s, e in spans:
                 if self.fused is not None:
-                    rows.append(self.fused(head.weight.to(hidden.dtype), hidden[i], next_token_labels(labels[i:i + 1])
-                                           .reshape(-1)).float())
+                    sums.append(self.fused(head.weight.to(hidden.dtype), hidden[r, s:e],
+                                           next_token_labels(labels[r:r + 1, s:e]).reshape(-1)).float())
                 else:
-                    rows.append(chunked_cross_entropy_sum(hidden[i:i + 1], labels[i:i + 1], head, self.chunk_tokens,
-                                                          self.softcap))
-            return torch.stack(rows)
+                    sums.append(chunked_cross_entropy_sum(hidden[r:r + 1, s:e], labels[r:r + 1, s:e], head,
+                                                          self.chunk_tokens, self.softcap))
+            return torch.stack(sums)
 
     def final_hidden_states(self, model, inputs: dict):
         """The decoder's output (after the final norm) from a forward of the whole model with no logits kept."""
