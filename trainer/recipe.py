@@ -211,8 +211,9 @@ class Recipe:
         if self.strategy.is_main:
             save_reference(self.run_dir, self.reference, self.data.fingerprint)
         self.strategy.barrier()
+        unit = "answers" if self.objective.method == "kto" else "pairs"
         self.logger.info(f"reference log-probs of {len(self.data.train):,} training and {len(self.data.val_pairs):,} "
-                         f"validation pairs: {time.perf_counter() - started:.1f} s ({FILE})")
+                         f"validation {unit}: {time.perf_counter() - started:.1f} s ({FILE})")
 
     def _evaluate_unless_preempted(self, step: int) -> dict | None:
         """An evaluation that a preemption request stops between batches (None then): its metrics are dropped and
