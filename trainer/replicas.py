@@ -3,8 +3,10 @@
 A replica keeps everything that changes a code path -- the real vocabulary size, RoPE scaling, tied embeddings,
 attention/MLP biases, sliding windows, logit soft-capping, an explicit head_dim, the GQA/MQA head ratio, experts
 and top-k, fused projections -- and shrinks only depth and width. Its tokenizer is a small BPE trained on the
-demo world's text, with the family's own special tokens and a chat template that writes the family's own turn
-format. Weights are random (seeded); a test that needs a model that has learnt something trains one briefly.
+demo world's text -- byte-level BPE or, for the SentencePiece families (Llama 2, Mistral, Mixtral, Phi-3, Gemma),
+SentencePiece-style BPE with byte fallback -- with the family's own special tokens and a chat template that writes
+the family's own turn format. Weights are random (seeded); a test that needs a model that has learnt something
+trains one briefly.
 
     python -m trainer.replicas OUT_DIR [FAMILY ...]     # one model dir per family (all families by default)
 
@@ -50,7 +52,8 @@ FAMILIES: dict[str, dict] = {
         "config": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000,
                    "num_attention_heads": 32, "num_key_value_heads": 32, "rope_theta": 10000.0,
                    "max_position_embeddings": 4096, "tie_word_embeddings": False, "hidden_act": "silu"},
-        "special": {"bos": "<s>", "eos": "</s>", "unk": "<unk>"}, "extra": [], "template": _LLAMA2_TEMPLATE},
+        "special": {"bos": "<s>", "eos": "</s>", "unk": "<unk>"}, "extra": [], "template": _LLAMA2_TEMPLATE,
+        "tokenizer": "sentencepiece"},
     "llama-3.1": {
         "config": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
                    "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 500000.0,
@@ -69,13 +72,15 @@ FAMILIES: dict[str, dict] = {
         "config": {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": 32000,
                    "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 10000.0, "sliding_window": 4096,
                    "max_position_embeddings": 32768, "tie_word_embeddings": False, "hidden_act": "silu"},
-        "special": {"bos": "<s>", "eos": "</s>", "unk": "<unk>"}, "extra": [], "template": _LLAMA2_TEMPLATE},
+        "special": {"bos": "<s>", "eos": "</s>", "unk": "<unk>"}, "extra": [], "template": _LLAMA2_TEMPLATE,
+        "tokenizer": "sentencepiece"},
     "mixtral": {
         "config": {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 32000,
                    "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 1000000.0,
                    "num_local_experts": 8, "num_experts_per_tok": 2, "router_aux_loss_coef": 0.02,
                    "max_position_embeddings": 32768, "tie_word_embeddings": False, "hidden_act": "silu"},
-        "special": {"bos": "<s>", "eos": "</s>", "unk": "<unk>"}, "extra": [], "template": _LLAMA2_TEMPLATE},
+        "special": {"bos": "<s>", "eos": "</s>", "unk": "<unk>"}, "extra": [], "template": _LLAMA2_TEMPLATE,
+        "tokenizer": "sentencepiece-legacy"},
     "qwen2.5": {  # q/k/v biases; a sliding window that is configured but off
         "config": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 152064,
                    "num_attention_heads": 64, "num_key_value_heads": 8, "rope_theta": 1000000.0,
@@ -89,7 +94,7 @@ FAMILIES: dict[str, dict] = {
                    "max_position_embeddings": 8192, "hidden_act": "gelu_pytorch_tanh",
                    "hidden_activation": "gelu_pytorch_tanh"},
         "special": {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>"}, "extra": ["<start_of_turn>", "<end_of_turn>"],
-        "template": _GEMMA_TEMPLATE},
+        "template": _GEMMA_TEMPLATE, "tokenizer": "gemma"},
     "gemma-2": {  # soft-capping, query_pre_attn_scalar, alternating sliding window; heads x head_dim != hidden
         "config": {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "vocab_size": 256000,
                    "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256, "rope_theta": 10000.0,
@@ -97,14 +102,15 @@ FAMILIES: dict[str, dict] = {
                    "query_pre_attn_scalar": 256, "max_position_embeddings": 8192,
                    "hidden_activation": "gelu_pytorch_tanh"},
         "special": {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>"}, "extra": ["<start_of_turn>", "<end_of_turn>"],
-        "template": _GEMMA_TEMPLATE},
+        "template": _GEMMA_TEMPLATE, "tokenizer": "gemma"},
     "phi-3": {  # fused qkv_proj and gate_up_proj
         "config": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "vocab_size": 32064,
                    "num_attention_heads": 32, "num_key_value_heads": 32, "rope_theta": 10000.0,
                    "sliding_window": 2047, "max_position_embeddings": 4096, "tie_word_embeddings": False,
                    "hidden_act": "silu"},
         "special": {"bos": "<s>", "eos": "<|end|>", "unk": "<unk>"},
-        "extra": ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>"], "template": _PHI3_TEMPLATE},
+        "extra": ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>"], "template": _PHI3_TEMPLATE,
+        "tokenizer": "sentencepiece"},
 }
 REAL_WIDTHS = {  # hidden, intermediate (per expert for Mixtral), head_dim: for `shrink`'s ratios
     "llama-2": (4096, 11008, 128), "llama-3.1": (4096, 14336, 128), "llama-3.2": (2048, 8192, 64),
@@ -139,12 +145,28 @@ def shrink(family: str) -> dict:
 
 
 def _train_tokenizer(family: str, out_dir: Path):
+    """The family's kind of tokenizer, trained on the demo world's text: byte-level BPE (Llama 3, Qwen 2), or
+    SentencePiece-style BPE with byte fallback (Llama 2, Mistral, Mixtral, Phi-3, Gemma) built by transformers'
+    own tokenizer class for that family, so that it splits text as the real one does (a "▁" word prefix; bytes
+    outside the vocabulary as <0xNN> tokens)."""
+    spec = FAMILIES[family]
+    kind = spec.get("tokenizer", "byte-level")
+    tokenizer = _byte_level_tokenizer(spec) if kind == "byte-level" else _sentencepiece_style_tokenizer(spec, kind)
+    tokenizer.chat_template = spec["template"]
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+def _corpus():
+    from trainer.demo.world import make_world, pretraining_corpus
+
+    return pretraining_corpus(make_world(seed=1), paragraphs_per_creature=2)
+
+
+def _byte_level_tokenizer(spec: dict):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from trainer.demo.world import make_world, pretraining_corpus
-
-    spec = FAMILIES[family]
     named = {role: token for role, token in spec["special"].items() if token}
     specials = list(dict.fromkeys([*named.values(), *spec["extra"]]))
     tokenizer = Tokenizer(models.BPE(unk_token=named.get("unk")))
@@ -152,13 +174,38 @@ def _train_tokenizer(family: str, out_dir: Path):
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=REPLICA_TOKENIZER_VOCAB, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(pretraining_corpus(make_world(seed=1), paragraphs_per_creature=2), trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **{f"{role}_token": token
-                                                                     for role, token in named.items()},
-                                      additional_special_tokens=spec["extra"])
-    wrapped.chat_template = spec["template"]
-    wrapped.save_pretrained(out_dir)
-    return wrapped
+    tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **{f"{role}_token": token
+                                                                  for role, token in named.items()},
+                                   additional_special_tokens=spec["extra"])
+
+
+def _sentencepiece_style_tokenizer(spec: dict, kind: str):
+    """Vocabulary laid out as the real ones are: the special tokens, the 256 byte tokens, then the merged pieces
+    in merge order (so that a piece's id is its merge rank, as SentencePiece's scores order them)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GemmaTokenizer, LlamaTokenizer
+
+    named = {role: token for role, token in spec["special"].items() if token}
+    if kind == "gemma":
+        leading = [named["pad"], named["eos"], named["bos"], "<unk>", "<mask>"]
+    else:
+        leading = [named["unk"], named["bos"], named["eos"]]
+    learner = Tokenizer(models.BPE())
+    learner.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never" if kind == "gemma" else "always")
+    pieces = REPLICA_TOKENIZER_VOCAB - len(leading)  # on top of the 256 byte tokens
+    learner.train_from_iterator(_corpus(), trainer=trainers.BpeTrainer(vocab_size=pieces, show_progress=False))
+    learnt = json.loads(learner.to_str())["model"]
+    vocab = {token: index for index, token in enumerate(leading)}
+    vocab.update({f"<0x{byte:02X}>": len(leading) + byte for byte in range(256)})
+    for token in sorted(learnt["vocab"], key=learnt["vocab"].get):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) for merge in learnt["merges"]]
+    if kind == "gemma":
+        return GemmaTokenizer(vocab=vocab, merges=merges, additional_special_tokens=spec["extra"])
+    return LlamaTokenizer(vocab=vocab, merges=merges, legacy=kind == "sentencepiece-legacy",
+                          unk_token=named["unk"], bos_token=named["bos"], eos_token=named["eos"],
+                          additional_special_tokens=spec["extra"])
 
 
 def build_replica(family: str, out_dir: str | Path, seed: int = 0) -> Path:

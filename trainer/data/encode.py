@@ -1,10 +1,15 @@
 """Tokenise rendered samples into one flat token table, with a trained/not-trained flag per token.
 
-Segments are tokenised one by one (in large batches, for speed) and concatenated, so the boundary between
-prompt and answer is exact and the prompt's tokens match what generation sees. BOS starts a sample when the
-tokenizer has one and the template did not write it; EOS ends it, trained, unless the template's end-of-turn
-marker already is the EOS token. The first token's label never counts (nothing predicts it), which also keeps
-the label count of a sample the same whether it sits alone in a row or packed behind another.
+A sample's segments are tokenised as one text (in large batches, for speed), as generation and serving will
+tokenise the conversation: SentencePiece-style tokenizers (Llama 2, Mistral, Phi-3) write a word prefix "▁" at
+the start of every text they are given, so an answer tokenised on its own after "<|assistant|>\n" would start
+with a token the model never sees there. A token is trained when any character it covers (from the tokenizer's
+offsets) belongs to a trained segment, so an answer's first token is trained even when it also holds the
+prompt's last character. Slow (Python) tokenizers, which give no offsets, tokenise segment by segment. BOS
+starts a sample when the tokenizer has one and the template did not write it; EOS ends it, trained, unless the
+template's end-of-turn marker already is the EOS token. The first token's label never counts (nothing predicts
+it), which also keeps the label count of a sample the same whether it sits alone in a row or packed behind
+another.
 """
 
 from __future__ import annotations
@@ -83,13 +88,48 @@ class TokenTable:
         return EncodedSample(ids, np.where(self.trained[start:end], ids, IGNORE_INDEX))
 
 
-def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text, without special tokens; straight from the Rust tokenizer when there is one
-    (the same ids, without building a Python encoding object per text)."""
+def _tokenize_samples(tokenizer, samples: Sequence[Sample]) -> list[tuple[list[int], list[bool], list[int]]]:
+    """Per sample: its token ids (no special tokens added), whether each is trained, and the ids of its last trained
+    segment (to see whether the answer already ends with EOS)."""
+    import numpy as np
+
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    if backend is None:
+        return [_tokenize_segments(tokenizer, sample) for sample in samples]
+    texts = ["".join(text for text, _ in sample.segments) for sample in samples]
+    encodings = backend.encode_batch(texts, add_special_tokens=False) if texts else []
+    results = []
+    for sample, encoding in zip(samples, encodings):
+        ids = encoding.ids
+        if not ids:
+            results.append(([], [], []))
+            continue
+        ends = np.cumsum([len(text) for text, _ in sample.segments])
+        trainable = np.asarray([flag for _, flag in sample.segments], dtype=np.int64)
+        trainable_before = np.concatenate([[0], np.cumsum(trainable)])
+        spans = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+        first_char, last_char = spans[:, 0], np.maximum(spans[:, 1], spans[:, 0] + 1) - 1
+        # Segment of each token's first and last character; trained if a trainable segment lies between them.
+        first_seg = np.minimum(np.searchsorted(ends, first_char, side="right"), len(ends) - 1)
+        last_seg = np.minimum(np.searchsorted(ends, last_char, side="right"), len(ends) - 1)
+        trained = (trainable_before[last_seg + 1] - trainable_before[first_seg]) > 0
+        last_trainable = int(np.flatnonzero(trainable)[-1]) if trainable.any() else -1
+        in_last = (first_seg <= last_trainable) & (last_seg >= last_trainable)
+        results.append((list(ids), trained.tolist(), [ids[i] for i in np.flatnonzero(in_last)]))
+    return results
+
+
+def _tokenize_segments(tokenizer, sample: Sample) -> tuple[list[int], list[bool], list[int]]:
+    ids: list[int] = []
+    trained: list[bool] = []
+    last_trained_ids: list[int] = []
+    for text, trainable in sample.segments:
+        segment_ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        ids.extend(segment_ids)
+        trained.extend([trainable] * len(segment_ids))
+        if trainable:
+            last_trained_ids = segment_ids
+    return ids, trained, last_trained_ids
 
 
 def _special(tokenizer) -> tuple[int | None, str | None, int | None]:
@@ -131,9 +171,7 @@ def encode_samples(samples: Sequence[Sample], tokenizer, max_seq_len: int, train
     id_chunks, trained_chunks, lengths = [], [], []
     for start in range(0, len(samples), TOKENIZE_BATCH):
         batch = samples[start:start + TOKENIZE_BATCH]
-        texts = [text for sample in batch for text, _ in sample.segments]
-        encoded = _tokenize(tokenizer, texts) if texts else []
-        cursor = 0
+        encoded = _tokenize_samples(tokenizer, batch)
         for offset, sample in enumerate(batch):
             ids: list[int] = []
             trained: list[bool] = []
@@ -141,14 +179,9 @@ def encode_samples(samples: Sequence[Sample], tokenizer, max_seq_len: int, train
             if bos_id is not None and not template_wrote_bos:
                 ids.append(bos_id)
                 trained.append(False)
-            last_trained_ids: list[int] = []
-            for _, trainable in sample.segments:
-                segment_ids = encoded[cursor]
-                cursor += 1
-                ids.extend(segment_ids)
-                trained.extend([trainable or train_on_inputs] * len(segment_ids))
-                if trainable:
-                    last_trained_ids = segment_ids
+            sample_ids, sample_trained, last_trained_ids = encoded[offset]
+            ids.extend(sample_ids)
+            trained.extend(flag or train_on_inputs for flag in sample_trained)
             if eos_id is not None and eos_id not in last_trained_ids:
                 ids.append(eos_id)
                 trained.append(True)
