@@ -223,12 +223,16 @@ def test_configs_llama_cpp_would_run_differently_are_refused_in_one_line_before_
     assert list(tmp_path.glob("*.gguf*")) == [] and not list(tmp_path.glob(".m.gguf*"))
 
 
-def test_sentencepiece_style_tokenizer_is_refused(tmp_path):
+def test_a_sentencepiece_style_tokenizer_that_llama_cpp_would_split_otherwise_is_refused(tmp_path):
+    """Byte-fallback BPE is written as llama.cpp's SentencePiece vocab (the families' tests run it in llama.cpp);
+    text preparation llama.cpp cannot do -- a unicode normalizer, Metaspace splitting words apart -- is refused."""
     model = _model_dir(tmp_path, {})
     spec = json.loads((model / "tokenizer.json").read_text())
-    spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581"}
+    spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": True}
+    spec["normalizer"] = {"type": "NFKC"}
     spec["model"]["byte_fallback"] = True
     (model / "tokenizer.json").write_text(json.dumps(spec))
-    with pytest.raises(UserError, match="tokenizer.json: GGUF export writes byte-level BPE tokenizers only"):
+    with pytest.raises(UserError, match=r"tokenizer.json: a byte-fallback BPE tokenizer whose text preparation "
+                                        r"\(NFKC, Metaspace\) has no llama.cpp counterpart"):
         write_model(str(model), str(tmp_path / "m.gguf"))
     assert not list(tmp_path.glob("*.gguf"))

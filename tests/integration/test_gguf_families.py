@@ -11,7 +11,9 @@ Then llama.cpp (through llama-cpp-python, `pip install 'trainer[gguf-test]'`) ru
 and its greedy continuation of the chat prompt, token by token, is compared with transformers' on the base model
 with the PEFT adapter (fp32). f16 must give the same tokens; q8_0's agreement is measured and printed (run with -s)
 and must not fall below Q8_0_MIN_AGREEMENT. The prompt's logits are compared too, and llama.cpp's tokenizer must
-split the prompt text into the same ids as transformers'.
+split text into the same ids as transformers': plain text (with characters outside the vocabulary, which
+SentencePiece-style tokenizers write as <0xNN> bytes) exactly, and the chat prompt exactly except for the one
+documented difference of transformers' non-legacy SentencePiece tokenizers (trainer/export_gguf/tokenizer.py).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ except ImportError:  # CI (`make test`) installs it, so there its absence is a f
 from trainer.replicas import FAMILIES, build_replica  # noqa: E402
 
 NEW_TOKENS = 16
-TRAIN_STEPS = 40
+TRAIN_STEPS = 80
 Q8_0_MIN_AGREEMENT = 8  # leading new tokens that q8_0 must reproduce (measured: see the printed figures)
 CONVERSATION = [{"role": "user", "content": "Which creature lives in the cave?"},
                 {"role": "assistant", "content": "The glowing one with six legs: it sleeps by day, hums at night "
@@ -71,9 +73,12 @@ def _greedy_transformers(model, prompt_ids):
     return prompt_logits, ids[len(prompt_ids):]
 
 
+PLAIN_TEXT = "Which creature lives in the cave?  It hums at 42 degrees, naïvely; ünïcödé → ok"
+
+
 def _greedy_llama_cpp(model_path, prompt_ids, lora_path=None, prompt_text=None):
-    """(prompt logits, greedy new tokens, llama.cpp's ids for prompt_text) from llama.cpp; the argmax is taken here,
-    so that no sampler or end-of-turn stop intervenes."""
+    """(prompt logits, greedy new tokens, llama.cpp's ids for prompt_text and for PLAIN_TEXT) from llama.cpp; the
+    argmax is taken here, so that no sampler or end-of-turn stop intervenes."""
     import numpy as np
 
     llm = llama_cpp.Llama(model_path=str(model_path), lora_path=str(lora_path) if lora_path else None, n_ctx=64,
@@ -85,10 +90,27 @@ def _greedy_llama_cpp(model_path, prompt_ids, lora_path=None, prompt_text=None):
         for _ in range(NEW_TOKENS):
             new.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
             llm.eval([new[-1]])
-        tokenized = llm.tokenize(prompt_text.encode(), add_bos=False, special=True) if prompt_text else None
+        tokenized = None
+        if prompt_text:
+            tokenized = (llm.tokenize(prompt_text.encode(), add_bos=False, special=True),
+                         llm.tokenize(PLAIN_TEXT.encode(), add_bos=False, special=False))
     finally:
         llm.close()
     return prompt_logits, new, tokenized
+
+
+def _as_llama_cpp_splits(tokenizer, text: str) -> list[int]:
+    """transformers' ids for TEXT, with the "▁" word prefix after special tokens that llama.cpp writes (as the
+    original SentencePiece tokenizers do) where a non-legacy transformers tokenizer (Metaspace prepend scheme
+    "first": Llama 2, Mistral, Phi-3) writes it only at the start of the text."""
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    backend = tokenizer.backend_tokenizer
+    pre = backend.pre_tokenizer
+    if isinstance(pre, pre_tokenizers.Metaspace) and pre.prepend_scheme == "first":
+        backend = Tokenizer.from_str(backend.to_str())
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always", split=False)
+    return backend.encode(text, add_special_tokens=False).ids
 
 
 def _agreement(got, expected) -> int:
@@ -137,7 +159,8 @@ def test_llama_cpp_continues_like_transformers(family, tmp_path):
     lora = write_lora_adapter(str(adapter), str(tmp_path / "lora.gguf"), base_dir=str(base), dtype="f16")
 
     f16_logits, f16_tokens, tokenized = _greedy_llama_cpp(merged_f16, prompt_ids, prompt_text=prompt_text)
-    assert tokenized == prompt_ids, "llama.cpp's tokenizer must split the chat prompt as transformers' does"
+    assert tokenized[1] == tokenizer(PLAIN_TEXT, add_special_tokens=False).input_ids, "plain text splits alike"
+    assert tokenized[0] == _as_llama_cpp_splits(tokenizer, prompt_text), "the chat prompt splits alike"
     lora_logits, lora_tokens, _ = _greedy_llama_cpp(base_f16, prompt_ids, lora_path=lora)
     q8_logits, q8_tokens, _ = _greedy_llama_cpp(merged_q8, prompt_ids)
 

@@ -84,7 +84,7 @@ def write_model(model_dir: str, out_path: str, dtype: str = "f16") -> str:
         raise UserError(f"GGUF model dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     config = read_hf_config(model_dir)
     family = family_for(config)
-    tokenizer, pre_name = read_tokenizer(model_dir)
+    tokenizer, split = read_tokenizer(model_dir)
     weights = _iter_weights(model_dir)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
@@ -93,7 +93,7 @@ def write_model(model_dir: str, out_path: str, dtype: str = "f16") -> str:
         _add_hyperparameters(writer, config, family, os.path.basename(os.path.abspath(model_dir)), int(file_type))
         if dtype == "q8_0":
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        add_tokenizer(writer, model_dir, tokenizer, pre_name, int(config["vocab_size"]))
+        add_tokenizer(writer, model_dir, tokenizer, split, int(config["vocab_size"]))
         for name, array in iter_gguf_tensors(config, family, weights):
             data, raw_dtype = _encode(array, dtype)
             writer.add_tensor(name, data, raw_dtype=raw_dtype)
