@@ -123,8 +123,8 @@ def strategy_config_for(name: str):
 
     if name == "single":
         return schema.SingleStrategyConfig()
-    if name == "fsdp":
-        return schema.FSDPStrategyConfig()
+    if name in ("fsdp", "fsdp_offload"):
+        return schema.FSDPStrategyConfig(cpu_offload=name == "fsdp_offload")
     if name == "zero3_offload":
         return schema.DeepSpeedStrategyConfig(name="zero3_offload", stage=3, offload_optimizer="cpu",
                                               offload_param="cpu")
@@ -142,7 +142,7 @@ def peft_config_for(current, method: str, strategy: str, precision: str):
         carried = {k: getattr(current, k) for k in ("r", "alpha", "dropout", "target_modules", "use_rslora",
                                                        "modules_to_save") if hasattr(current, k)}
         peft = schema.GROUP_OPTIONS["peft"][method](**carried)
-    if method == "qlora" and strategy in ("fsdp", "zero3"):
+    if method == "qlora" and strategy in ("fsdp", "fsdp_offload", "zero3"):
         peft = dataclasses.replace(peft, quant_storage=_GATHER_DTYPE[precision])
     return peft
 

@@ -97,8 +97,7 @@ def planned_strategy(strategy) -> tuple[str, list[str]]:
         return name, []
     if name == "fsdp":
         if strategy.cpu_offload:
-            return "zero3_offload", ["strategy.cpu_offload: FSDP2 CPU offload is planned like zero3_offload "
-                                     "(shards, gradients and optimizer state in host memory)"]
+            return "fsdp_offload", []
         return "fsdp", []
     offloaded = [key for key in ("offload_optimizer", "offload_param") if getattr(strategy, key) != "none"]
     if strategy.stage == 3 and len(offloaded) == 2:

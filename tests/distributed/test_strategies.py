@@ -61,6 +61,16 @@ def test_two_ranks_match_single_process_losses(strategy, peft, single_losses, tm
     assert (tmp_path / "run" / "final").is_dir()
 
 
+def test_fsdp2_cpu_offload_matches_single_process_losses(single_losses, tmp_path):
+    """strategy.cpu_offload=true: FSDP2 keeps the shards and the optimizer step on the host (plain memory on a
+    machine without a GPU, pinned with one) and trains to the same losses."""
+    losses = _train(tmp_path / "run", "strategy=fsdp", "strategy.cpu_offload=true", *_peft("none"), timeout=900)
+    reference = single_losses["none"]
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    for step in reference:
+        assert losses[step] == pytest.approx(reference[step], rel=1e-3), f"step {step}"
+
+
 @pytest.mark.extended  # `make test`: test_plan_vs_measured checks fsdp/zero3 states per rank against the planner
 def test_sharded_model_states_are_at_most_055x_of_single_per_rank(tmp_path):
     """Parameters + gradients + optimizer state held by one rank (local shards' bytes), bf16 mixed precision."""

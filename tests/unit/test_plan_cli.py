@@ -80,9 +80,10 @@ def test_shared_model_dirs_give_the_published_total():
 def test_llama_70b_on_8_and_16_gpus_of_80gb(nodes):
     """Which of full / LoRA / QLoRA fit Llama-3.1-70B on 1 or 2 nodes of 8 x 80 GB, and how fast the answer comes.
 
-    bf16, seq 4096, micro batch 1, checkpointing on (the 70B experiment). Full fine-tuning needs ZeRO-3 offload on
-    both (FSDP/ZeRO-3 need 166/93 GiB per GPU: 24 GPUs); LoRA fits sharded (fsdp, zero3) from 4 GPUs; QLoRA fits
-    everywhere, even one GPU. Measured on the 2-core dev machine: 0.4-0.8 s per command when quiet, 1.3-1.6 s at load
+    bf16, seq 4096, micro batch 1, checkpointing on (the 70B experiment). Full fine-tuning needs offload (ZeRO-3 or
+    FSDP2) on both (FSDP/ZeRO-3 need 166/93 GiB per GPU: 24 GPUs); LoRA fits sharded (fsdp, zero3) from 4 GPUs;
+    QLoRA fits everywhere, even one GPU, except under ZeRO-3's parameter offload. Measured on the 2-core dev
+    machine: 0.4-0.8 s per command when quiet, 1.3-1.6 s at load
     7 (the issue asks < 2 s; the bound here is generous because the machine is shared).
     """
     started = time.monotonic()
@@ -92,9 +93,10 @@ def test_llama_70b_on_8_and_16_gpus_of_80gb(nodes):
     assert report["total_params"] == PUBLISHED["llama-3.1-70b"]
     assert (report["nodes"], report["gpus_per_node"]) == (nodes, 8)
     fits = fitting(report)
-    assert fits["full"] == {"zero3_offload"}
-    assert fits["lora"] == {"fsdp", "zero3", "zero3_offload"}
-    assert fits["qlora"] == {"single", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload"}
+    assert fits["full"] == {"zero3_offload", "fsdp_offload"}
+    assert fits["lora"] == {"fsdp", "zero3", "zero3_offload", "fsdp_offload"}
+    # DeepSpeed cannot offload 4-bit weights (trainer/config/feasibility.py): not offered for QLoRA
+    assert fits["qlora"] == {"single", "ddp", "fsdp", "zero1", "zero2", "zero3", "fsdp_offload"}
     assert report["recommendation"] == {"strategy": "zero3", "peft_method": "lora"}  # the experiment's own choice
     assert report["configured"]["fits"] and report["configured"]["world_size"] == 8 * nodes
     by_strategy = report["bytes_per_gpu_by_strategy"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from trainer.config.feasibility import refusal
 from trainer.config.schema import Config
 from trainer.errors import ConfigError
 from trainer.remote_code import shipped_code
@@ -166,6 +167,10 @@ def check_peft_optim_strategy(config: Config) -> None:
     if (peft.name == "qlora" or bnb_optimizer) and importlib.util.find_spec("bitsandbytes") is None:
         key = "peft" if peft.name == "qlora" else "optim.name"
         raise ConfigError(key, "needs bitsandbytes, which is not installed: pip install 'trainer[qlora]'")
+    planned = "fsdp_offload" if name == "fsdp" and strategy.cpu_offload else name
+    refused = refusal(planned, peft.name, optim.name, param_offload=deepspeed and strategy.offload_param != "none")
+    if refused:
+        raise ConfigError(*refused)
     if peft.name == "qlora":
         if config.model.init == "random":
             raise ConfigError("peft", "qlora quantises a pretrained checkpoint while loading it; model.init=random has "
@@ -176,21 +181,11 @@ def check_peft_optim_strategy(config: Config) -> None:
             raise ConfigError("peft.quant_storage", f"{peft.quant_storage} cannot be sharded by strategy={name}: it "
                               f"gathers every parameter of a layer as one {want} tensor (train.precision), and would "
                               f"cast the packed 4-bit bytes; set peft.quant_storage={want}")
-        if (name == "fsdp" and strategy.cpu_offload) or (deepspeed and strategy.offload_param != "none"):
-            key = "strategy.cpu_offload" if name == "fsdp" else "strategy.offload_param"
-            raise ConfigError(key, "QLoRA with parameter offload is not supported: offload moves parameters between "
-                              "GPU and host, but a 4-bit weight's quantisation state (block scales, code book) is not "
-                              "a parameter and stays behind, and a 4-bit base (0.5 byte/parameter) is rarely worth "
-                              "offloading; turn parameter offload off (optimizer offload may stay)")
     if peft.name in ("prompt_tuning", "prefix_tuning") and config.data.packing and (
             config.model.attn_implementation == "flash_attention_2"):
         raise ConfigError("data.packing", f"{peft.name} with packed rows needs a mask that shows every sample the "
                           "virtual tokens; flash_attention_2 packs without masks: use model.attn_implementation=sdpa "
                           "or data.packing=false")
-    if bnb_optimizer and name == "fsdp":
-        raise ConfigError("optim.name", f"{optim.name} (bitsandbytes) cannot step FSDP2's sharded DTensor parameters "
-                          "(its kernels get mixed Tensor and DTensor arguments): use optim=adamw with fsdp, or a "
-                          "DeepSpeed strategy (zero1/zero2/zero3) for 8-bit or paged optimizers")
     if deepspeed and strategy.offload_optimizer != "none" and (bnb_optimizer or optim.layer_lr_decay != 1.0):
         key = "optim.name" if bnb_optimizer else "optim.layer_lr_decay"
         raise ConfigError(key, "ZeRO optimizer offload replaces the optimizer by DeepSpeed's CPU Adam (one learning "

@@ -12,6 +12,7 @@ zero1           2                  4/N             2           o/N     DeepSpeed
 zero2           2                  4/N             2/N         o/N
 zero3           2/N                4/N             2/N         o/N
 zero3_offload   host 2/N           host 4/N        host 4/N    host o/N   (optimizer step on the CPU, fp32 grads)
+fsdp_offload    - (gathered)       host 4/N        host 4/N    host o/N   (fsdp + strategy.cpu_offload)
 fp32 training   4 (no master)                      4           o       sharded the same way
 ```
 
@@ -42,6 +43,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from trainer.config.feasibility import refusal
 from trainer.objectives import CHUNKABLE_MODEL_TYPES, DEFAULT_CHUNK_TOKENS
 from trainer.plan.activations import (
     ATTENTION_IMPLEMENTATIONS,
@@ -60,8 +62,9 @@ FLOAT_WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 QUANTIZED_WEIGHTS = ("int8", "nf4", "fp4")
 WEIGHT_PRECISIONS = (*FLOAT_WEIGHT_BYTES, *QUANTIZED_WEIGHTS)
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw": 8, "paged_adamw_8bit": 2, "sgd": 4}
-STRATEGIES = ("single", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload")
-SHARDED_PARAM_STRATEGIES = ("fsdp", "zero3", "zero3_offload")
+STRATEGIES = ("single", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp_offload")
+SHARDED_PARAM_STRATEGIES = ("fsdp", "zero3", "zero3_offload", "fsdp_offload")
+OFFLOAD_STRATEGIES = ("zero3_offload", "fsdp_offload")  # parameters, gradients and optimizer state on the host
 DEEPSPEED_STRATEGIES = ("zero1", "zero2", "zero3", "zero3_offload")
 # True would model DDP without gradient_as_bucket_view (buckets a second copy of the grads); trainer/strategy/ddp.py
 # sets it, so the buckets are views of the gradients.
@@ -293,6 +296,9 @@ def _check_combination(inputs: PlanInputs) -> None:
         raise ValueError(
             f"optimizer={inputs.optimizer} cannot be offloaded: ZeRO offload runs DeepSpeed's CPU Adam; use adamw"
         )
+    refused = refusal(inputs.strategy, inputs.peft_method, inputs.optimizer)
+    if refused:
+        raise ValueError(f"{refused[0]}: {refused[1]}")
     if inputs.resolved_weight_precision == "int8" and inputs.strategy in SHARDED_PARAM_STRATEGIES:
         raise ValueError(f"strategy={inputs.strategy} cannot shard bitsandbytes int8 weights; use nf4 or zero2")
 
@@ -362,14 +368,14 @@ def _model_state_bytes(
     t = trainable.total
     copy_bytes, master_bytes = (2, 4) if mixed else (4, 0)
     # torch autocast and FSDP2 (reduce_dtype fp32) keep fp32 gradients; DeepSpeed bf16 keeps 16-bit ones.
-    grad_bytes = 4 if strategy in ("single", "ddp", "fsdp") or not mixed else 2
+    grad_bytes = 4 if strategy in ("single", "ddp", "fsdp", "fsdp_offload") or not mixed else 2
     shard_params = strategy in SHARDED_PARAM_STRATEGIES
-    shard_grads = strategy in ("fsdp", "zero2", "zero3", "zero3_offload")
+    shard_grads = strategy in ("fsdp", "zero2", "zero3", *OFFLOAD_STRATEGIES)
     shard_states = strategy not in ("single", "ddp")
 
     # The persistent copy of the trainable weights the forward reads. FSDP2 in mixed precision keeps only the fp32
     # shards (counted as master weights) and casts to bf16 when it gathers a unit.
-    if strategy == "fsdp":
+    if strategy in ("fsdp", "fsdp_offload"):
         trainable_copy = 0 if mixed else copy_bytes * t / n
     elif shard_params:
         trainable_copy = copy_bytes * t / n
@@ -383,9 +389,10 @@ def _model_state_bytes(
         "optimizer": OPTIMIZER_STATE_BYTES[inputs.optimizer] * t / (n if shard_states else 1),
     }
     host = dict.fromkeys(gpu, 0.0)
-    if strategy == "zero3_offload":
+    if strategy in OFFLOAD_STRATEGIES:
         # DeepSpeed keeps each rank's partition of the 16-bit params, fp32 master, fp32 grads and Adam states on
-        # the host; the GPU holds only the gathered working set.
+        # the host; FSDP2's CPUOffloadPolicy its fp32 shards (or a frozen base's stored ones), fp32 gradients and
+        # the optimizer, whose step runs on the CPU. The GPU holds only the gathered working set.
         host = {**gpu, "gradients": 4 * t / n}
         gpu = dict.fromkeys(gpu, 0.0)
     return gpu, host

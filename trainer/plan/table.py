@@ -5,12 +5,13 @@ Recommendation rule (``what_fits``), among the entries that fit the given GPUs:
 1. the requested strategy and method;
 2. else the requested method with the cheapest strategy that fits without offload, in order of cost (communication
    and host traffic): single on one GPU; ddp, zero1, zero2, fsdp, zero3 on several;
-3. else, on several GPUs, the requested method with zero3_offload (slower, but keeps the method);
+3. else, on several GPUs, the requested method with zero3_offload or fsdp_offload (fsdp with strategy.cpu_offload)
+   (slower, but keeps the method);
 4. else the lighter methods in order of fidelity (full, lora, qlora), cheapest strategy first, offload last;
 5. else, when nothing fits these GPUs, the entry that needs the fewest GPUs (same order).
 Offloaded entries only count as fitting when the host has room, if ``host_memory_gib`` (per node) is given.
 
-``choose_auto_strategy`` resolves ``strategy=auto``: several GPUs -> fsdp, or zero3_offload when fsdp does not fit;
+``choose_auto_strategy`` resolves ``strategy=auto``: several GPUs -> fsdp, or an offload when fsdp does not fit;
 one GPU -> single. When the requested method does not fit it falls back to LoRA on a bf16 base, then to QLoRA.
 """
 
@@ -19,13 +20,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from trainer.plan.memory import GIB, STRATEGIES, MemoryEstimate, PlanInputs, estimate_memory
+from trainer.plan.memory import GIB, OFFLOAD_STRATEGIES, STRATEGIES, MemoryEstimate, PlanInputs, estimate_memory
 
 DEFAULT_METHODS = ("none", "lora", "qlora")
 FIDELITY_ORDER = ("none", "dora", "lora", "ia3", "prefix_tuning", "prompt_tuning", "qlora")
-COST_ORDER = ("single", "ddp", "zero1", "zero2", "fsdp", "zero3", "zero3_offload")
-MULTI_GPU_STRATEGIES = ("ddp", "zero1", "zero2", "fsdp", "zero3", "zero3_offload")
-SINGLE_GPU_STRATEGIES = ("single", "zero3_offload")  # what makes sense on one GPU
+COST_ORDER = ("single", "ddp", "zero1", "zero2", "fsdp", "zero3", "zero3_offload", "fsdp_offload")
+MULTI_GPU_STRATEGIES = ("ddp", "zero1", "zero2", "fsdp", "zero3", "zero3_offload", "fsdp_offload")
+SINGLE_GPU_STRATEGIES = ("single", "zero3_offload", "fsdp_offload")  # what makes sense on one GPU
 METHOD_LABELS = {"none": "full"}
 
 
@@ -127,7 +128,7 @@ def _cell(inputs: PlanInputs, strategy: str, method: str, memory: tuple[float, f
 
 
 def _preference(cell: FitCell, requested: str, world: int) -> tuple[int, int, int]:
-    same, offload = cell.peft_method == requested, cell.strategy == "zero3_offload"
+    same, offload = cell.peft_method == requested, cell.strategy in OFFLOAD_STRATEGIES
     if same:
         tier = 2 if offload else 1
         tier = 4 if offload and world == 1 else tier  # one GPU: prefer LoRA/QLoRA to offloading (as auto does)
@@ -204,14 +205,18 @@ def _gib(num_bytes: float) -> str:
 def choose_auto_strategy(inputs: PlanInputs, gpu_memory_gib: float, host_memory_gib: float | None = None) -> AutoChoice:
     """Pick strategy (and, if needed, a lighter PEFT method) for ``strategy=auto`` on ``inputs``' GPUs.
 
-    Several GPUs: fsdp, else zero3_offload (when ``host_memory_gib`` per node, if given, holds the offloaded state),
-    else fsdp with LoRA, then QLoRA. One GPU: single with the requested method, else LoRA, else QLoRA.
+    Several GPUs: fsdp, else zero3_offload, else fsdp_offload (when ``host_memory_gib`` per node, if given, holds the
+    offloaded state; combinations train refuses, e.g. QLoRA under DeepSpeed parameter offload, are skipped), else
+    fsdp with LoRA, then QLoRA, then those with fsdp_offload. One GPU: single with the requested method, else LoRA,
+    else QLoRA.
     """
     world, method = inputs.world_size, inputs.peft_method
-    strategies = ("fsdp", "zero3_offload") if world > 1 else ("single",)
+    strategies = ("fsdp", "zero3_offload", "fsdp_offload") if world > 1 else ("single",)
     fallback_methods = {"none": ("lora", "qlora"), "dora": ("lora", "qlora")}.get(method, ())
     fallback_methods += ("qlora",) if method in ("lora", "ia3") else ()
     candidates = [(s, method) for s in strategies] + [(strategies[0], m) for m in fallback_methods]
+    if world > 1:  # the lighter methods offloaded, last (FSDP2 offload also takes QLoRA: trainer/config/feasibility.py)
+        candidates += [("fsdp_offload", m) for m in fallback_methods]
 
     tried: list[str] = []
     last: tuple[str, str, MemoryEstimate | None] = (strategies[0], method, None)
@@ -272,8 +277,12 @@ def render_table(table: FitTable, title: str | None = None) -> str:
     offloaded = [c for c in table.cells if c.estimate and c.estimate.host_total_per_rank]
     if offloaded:
         limit = "" if table.host_memory_gib is None else f" (limit {table.host_memory_gib:g} GiB)"
-        lines.append("host memory per node for offload" + limit + ": " + ", ".join(
-            f"{method_label(c.peft_method)} {_gib(c.estimate.host_total_per_node)}" for c in offloaded))
+        by_strategy: dict[str, list[str]] = {}
+        for c in offloaded:
+            by_strategy.setdefault(c.strategy, []).append(
+                f"{method_label(c.peft_method)} {_gib(c.estimate.host_total_per_node)}")
+        lines.append("host memory per node for offload" + limit + ": " + "; ".join(
+            f"{strategy} {', '.join(figures)}" for strategy, figures in by_strategy.items()))
     errors = sorted({f"n/a {c.strategy} + {method_label(c.peft_method)}: {c.error}" for c in table.cells if c.error})
     lines += ["", *errors] if errors else []
     notes = sorted({note for c in table.cells if c.estimate for note in c.estimate.notes})

@@ -38,7 +38,9 @@ class FSDPStrategy(StrategyBase):
             "reshard_after_forward": self.cfg.reshard_after_forward,
         }
         if self.cfg.cpu_offload:
-            options["offload_policy"] = CPUOffloadPolicy()
+            # Pinned host memory speeds up the copies to a GPU; without one there is nothing to pin for (and pinning
+            # needs an accelerator), so a CPU-only run offloads to plain memory.
+            options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
         for layer in decoder_layers(model):
             fully_shard(layer, **options)
         fully_shard(model, **options)

@@ -1,0 +1,34 @@
+"""Which strategy x PEFT method x optimizer combinations the engines can train: one rule for `trainer train`'s
+validation (trainer/config/validate.py), the planner behind `trainer plan` and `strategy=auto` (trainer/plan), so
+that whatever plan or auto recommends, train accepts (tests/unit/test_plan_train_agree.py walks a grid of them).
+
+Strategies are named as the planner names them: `fsdp_offload` is strategy=fsdp with strategy.cpu_offload=true,
+`zero3_offload` is ZeRO-3 with parameters and optimizer offloaded (conf/strategy/zero3_offload.yaml). Pure Python:
+the planner imports it without torch.
+"""
+
+from __future__ import annotations
+
+BITSANDBYTES_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "paged_adamw")
+FSDP_STRATEGIES = ("fsdp", "fsdp_offload")
+DEEPSPEED_STRATEGIES = ("zero1", "zero2", "zero3", "zero3_offload")
+
+
+def refusal(strategy: str, method: str, optimizer: str, param_offload: bool | None = None) -> tuple[str, str] | None:
+    """(config key, why) when STRATEGY cannot train METHOD (peft.name) with OPTIMIZER (optim.name, or the planner's
+    name for it); None when it can. PARAM_OFFLOAD: whether DeepSpeed offloads parameters (defaults to
+    zero3_offload's)."""
+    deepspeed = strategy in DEEPSPEED_STRATEGIES
+    param_offload = strategy == "zero3_offload" if param_offload is None else param_offload
+    if method == "qlora" and deepspeed and param_offload:
+        return "strategy.offload_param", (
+            "QLoRA with DeepSpeed parameter offload is not supported: DeepSpeed moves parameters between GPU and host, "
+            "but a 4-bit weight's quantisation state (block scales, code book) is not a parameter and would stay "
+            "behind; use strategy=fsdp strategy.cpu_offload=true (FSDP2 offloads the 4-bit shards and keeps that "
+            "state on the GPU), or turn parameter offload off (optimizer offload may stay)")
+    if optimizer in BITSANDBYTES_OPTIMIZERS and strategy in FSDP_STRATEGIES:
+        return "optim.name", (
+            f"{optimizer} (bitsandbytes) cannot step FSDP2's sharded DTensor parameters (its kernels get mixed Tensor "
+            "and DTensor arguments): use optim=adamw with fsdp, or a DeepSpeed strategy (zero1/zero2/zero3) for "
+            "8-bit or paged optimizers")
+    return None
