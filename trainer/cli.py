@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"trainer {__version__}")
         return 0
+    from trainer.quiet import silence_known_harmless_messages
+
+    silence_known_harmless_messages()
     command = commands.get(argv[0])
     if command is None:
         sys.stderr.write(f"trainer: unknown command {argv[0]!r}; commands: {', '.join(commands)}\n")

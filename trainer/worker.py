@@ -91,6 +91,9 @@ def main(argv: list[str]) -> int:
     from trainer.preemption import watch
 
     watch()  # first: from here on a preemption signal only sets a flag, whatever the worker is doing
+    from trainer.quiet import silence_known_harmless_messages
+
+    silence_known_harmless_messages()
     args = [a for a in argv if not a.startswith("--local_rank")]  # the deepspeed launcher adds --local_rank=N
     if len(args) != 1:
         sys.stderr.write("usage: python -m trainer.worker RUN_DIR\n")
