@@ -20,6 +20,8 @@ WANDB_ID_FILE = "wandb_run_id"
 class NullLogger:
     def log_train(self, step: int, metrics: dict) -> None: ...
     def log_eval(self, step: int, metrics: dict) -> None: ...
+    def log_samples(self, step: int, examples: list[dict]) -> None: ...
+    def log_final_model(self, final_dir: str, kind: str) -> None: ...
     def progress(self, step: int, total: int, metrics: dict) -> None: ...
     def info(self, message: str) -> None: ...
     def close(self) -> None: ...
@@ -87,6 +89,7 @@ class RunLogger:
         self.jsonl = JsonlWriter(os.path.join(run_dir, "metrics.jsonl"))
         self.wandb_run = _start_wandb(cfg, run_dir, run_name, config_dict)
         self.tensorboard = _start_tensorboard(run_dir, config_dict) if cfg.tensorboard else None
+        self.samples_path = os.path.join(run_dir, "samples.jsonl")
 
     def log_train(self, step: int, metrics: dict) -> None:
         self.jsonl.write({"step": step, **metrics})
@@ -105,6 +108,37 @@ class RunLogger:
         if self.tensorboard is not None:
             for key, value in metrics.items():
                 self.tensorboard.add_scalar(f"eval/{key}", value, step)
+
+    def log_samples(self, step: int, examples: list[dict]) -> None:
+        """Generated answers beside their prompts and references: samples.jsonl, a TensorBoard text table per eval
+        step, and a W&B table (eval/samples)."""
+        if not examples:
+            return
+        with open(self.samples_path, "a") as fh:
+            for example in examples:
+                fh.write(json.dumps({"step": step, **example}) + "\n")
+        if self.tensorboard is not None:
+            rows = [f"| {_cell(e['prompt'])} | {_cell(e['answer'])} | {_cell(e['reference'])} |" for e in examples]
+            self.tensorboard.add_text("samples", "\n".join(["| prompt | answer | reference |", "|---|---|---|",
+                                                            *rows]), step)
+        if self.wandb_run is not None:
+            import wandb
+
+            table = wandb.Table(columns=["step", "prompt", "answer", "reference"],
+                                data=[[step, e["prompt"], e["answer"], e["reference"]] for e in examples])
+            self.wandb_run.log({"eval/samples": table}, step=step)
+
+    def log_final_model(self, final_dir: str, kind: str) -> None:
+        """final/ as a W&B model artifact (the adapter or the full model, with its tokenizer); offline runs keep it
+        under RUN/wandb/ until `wandb sync`."""
+        if self.wandb_run is None:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(f"{_artifact_name(self.wandb_run.name or 'run')}-{kind}", type="model",
+                                  metadata={"kind": kind})
+        artifact.add_dir(final_dir)
+        self.wandb_run.log_artifact(artifact, aliases=["latest", "final"])
 
     def progress(self, step: int, total: int, metrics: dict) -> None:
         if self.progress_line is not None:
@@ -162,6 +196,18 @@ def _start_tensorboard(run_dir: str, config_dict: dict) -> Any:
                if isinstance(value, (int, float, str, bool)) and not isinstance(value, dict)}
     writer.add_hparams(scalars, {}, run_name=".")
     return writer
+
+
+def _cell(text: str) -> str:
+    """TEXT as one Markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _artifact_name(name: str) -> str:
+    """W&B artifact names allow letters, digits, dashes, underscores and dots."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "run"
 
 
 def _flatten(node: dict, prefix: str = "") -> dict:

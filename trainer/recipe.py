@@ -188,6 +188,7 @@ class Recipe:
         if status in ("preempted", "stopped_nonfinite"):
             return status, {}, None
         final_dir = self.save_final()
+        self.logger.log_final_model(final_dir, "adapter" if self.config.peft.name != "none" else "model")
         if self.preemption.reason:
             self.logger.info(f"{self.preemption.reason} during the final save: the run is complete, nothing to resume")
         return status, eval_after, final_dir
@@ -387,6 +388,7 @@ class Recipe:
             generated, examples = generation_metrics(self.model, self.tokenizer, samples, self.strategy,
                                                      cfg.eval.max_new_tokens, check=check)
             metrics.update(generated)
+            self.logger.log_samples(step, examples)
             if examples:
                 self.logger.info(f"sample @ step {step}: {examples[0]['prompt']!r} -> {examples[0]['answer']!r} "
                                  f"(reference {examples[0]['reference']!r})")

@@ -88,3 +88,37 @@ def test_tensorboard_gets_the_scalars_the_config_and_the_hyperparameters(tmp_pat
     assert events.Scalars("train/loss")[0].value == 2.5
     hparams = EventAccumulator(str(tmp_path / "tensorboard")).Reload().PluginTagToContent("hparams")
     assert hparams  # the HParams tab lists this run's optim.lr and peft.name
+
+
+def test_samples_and_the_final_adapter_reach_tensorboard_and_wandb_offline(tmp_path, monkeypatch):
+    """Generated answers go to samples.jsonl, a TensorBoard text table and a W&B table; final/ becomes a W&B model
+    artifact. W&B in offline mode writes what it would upload under RUN/wandb/ (the real wandb, no server)."""
+    import dataclasses
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from trainer.config.schema import LoggerConfig
+    from trainer.log import RunLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))  # offline artifacts are staged here
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "adapter_config.json").write_text('{"r": 16}')
+    (final / "adapter_model.safetensors").write_bytes(b"weights")
+    cfg = LoggerConfig(progress=False, tensorboard=True)
+    cfg = dataclasses.replace(cfg, wandb=dataclasses.replace(cfg.wandb, mode="offline"))
+    logger = RunLogger(cfg, str(tmp_path), "my run/1", {"optim": {"lr": 2e-4}})
+    logger.log_samples(4, [{"prompt": "Which | creature?", "answer": "the fox", "reference": "the fox"}])
+    logger.log_final_model(str(final), "adapter")
+    logger.close()
+
+    record = json.loads((tmp_path / "samples.jsonl").read_text().splitlines()[0])
+    assert record == {"step": 4, "prompt": "Which | creature?", "answer": "the fox", "reference": "the fox"}
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0}).Reload()
+    text = events.Tensors("samples/text_summary")[0]
+    assert text.step == 4 and b"Which \\| creature?" in text.tensor_proto.string_val[0]
+    tables = list((tmp_path / "wandb").rglob("samples_*.table.json"))
+    assert tables and json.loads(tables[0].read_text())["data"] == [[4, "Which | creature?", "the fox", "the fox"]]
+    run_file = next((tmp_path / "wandb").rglob("run-*.wandb")).read_bytes()
+    assert b"my-run-1-adapter" in run_file and b"adapter_model.safetensors" in run_file
