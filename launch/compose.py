@@ -98,10 +98,14 @@ def hydra_error_to_config_error(err: Exception) -> ConfigError | None:
     from hydra.errors import HydraException, MissingConfigException
     from omegaconf.errors import OmegaConfBaseException
 
-    cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else None
-    source = cause or err
     if not isinstance(err, (HydraException, OmegaConfBaseException)):
         return None
+    # A mistake inside a config file (a user's experiment YAML) comes wrapped: "In 'experiment/mine': ConfigKeyError
+    # raised while composing config:", with the key in the OmegaConf error it was raised from.
+    linked = err.__cause__ or err.__context__
+    cause = linked if isinstance(linked, OmegaConfBaseException) else None
+    source = cause or err
+    in_file = str(err).split("'")[1] if cause is not None and str(err).startswith("In '") else None
     key = getattr(source, "full_key", None)
     message = str(getattr(source, "msg", None) or source).strip().splitlines()
     first = message[0] if message else type(source).__name__
@@ -128,6 +132,8 @@ def hydra_error_to_config_error(err: Exception) -> ConfigError | None:
         close = suggest_key(str(key))
         if close:
             first = f"unknown key; did you mean {close}? (`trainer train --cfg job` lists the keys that exist)"
+    if in_file:
+        first = f"{first} (in {in_file}.yaml)"
     return ConfigError(str(key or "config"), first)
 
 

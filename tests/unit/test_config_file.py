@@ -57,3 +57,31 @@ def test_a_config_dir_of_your_own_works_for_plan_and_train_cfg_job(tmp_path, fla
     job = run_cli("train", *flag, str(tmp_path), "experiment=mine", "--cfg", "job")
     assert job.returncode == 0, job.stderr
     assert "lr: 0.0003" in job.stdout and "name: dora" in job.stdout
+
+
+def test_a_typo_inside_your_own_experiment_names_the_key_the_closest_one_and_the_file(tmp_path):
+    """Every command that composes a config words a mistake inside a config dir's file the same way."""
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\noptim:\n  lrr: 0.1\n")
+    (tmp_path / "experiment" / "wrong_type.yaml").write_text("# @package _global_\noptim:\n  lr: fast\n")
+    for command, after in ((["train"], [f"run.dir={tmp_path / 'run'}"]), (["train"], ["--cfg", "job"]), (["plan"], []),
+                           (["data", "check"], [])):
+        result = run_cli(*command, "-cd", str(tmp_path), "experiment=mine", *after, timeout=120)
+        assert_one_line_error(result, "optim.lrr", "did you mean optim.lr?")
+        assert "(in experiment/mine.yaml)" in result.stderr, (command, result.stderr)
+    result = run_cli("plan", "--config-dir", str(tmp_path), "experiment=wrong_type")
+    assert_one_line_error(result, "optim.lr", "could not be converted to Float (in experiment/wrong_type.yaml)")
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_check_takes_your_own_config_dir_and_config_file(tmp_path):
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text(
+        f"# @package _global_\nmodel:\n  path: {TINY}\ndata:\n  path: {CHAT}\n  max_seq_len: 96\n"
+        "train:\n  micro_batch_size: 1\n  global_batch_size: 1\n")
+    (tmp_path / "mine.yaml").write_text(f"model:\n  path: {TINY}\ndata:\n  path: {CHAT}\n  max_seq_len: 96\n"
+                                        "train:\n  micro_batch_size: 1\n  global_batch_size: 1\n")
+    for args in (["-cd", str(tmp_path), "experiment=mine"], [str(tmp_path / "mine.yaml")]):
+        result = run_cli("data", "check", *args, f"paths.cache_dir={tmp_path / 'cache'}", timeout=300)
+        assert result.returncode == 0, (args, result.stderr[-2000:])
+        assert "chat.jsonl" in result.stdout and "96" in result.stdout, result.stdout[-2000:]
