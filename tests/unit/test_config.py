@@ -120,6 +120,11 @@ def test_frozen_config_round_trips_and_redacts_secrets(tmp_path):
     ("strategy.offload_optimiser=cpu", "did you mean strategy.offload_optimizer?"),
     ("peft=lorra", "Could not find 'peft/lorra' (available: dora, ia3, lora, none, prefix_tuning, prompt_tuning, "
                    "qlora); did you mean lora?"),
+    # values from a fixed set
+    ("optim.scheduler=cosin", "optim.scheduler: 'cosin' is not one of cosine, linear, constant; did you mean cosine?"),
+    ("data.format=alpca", "data.format: 'alpca' is not one of alpaca, text, chat, sharegpt, completion, preference, "
+                          "auto; did you mean alpaca?"),
+    ("train.precision=bf61", "did you mean bf16?"),
 ])
 def test_a_mistyped_key_or_option_is_answered_with_the_closest_one(override, message):
     from tests.conftest import compose_config

@@ -11,7 +11,13 @@ def require(ok: bool, key: str, message: str) -> None:
 
 
 def one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
-    require(value in allowed, key, f"{value!r} is not one of {', '.join(allowed)}")
+    if value in allowed:
+        return
+    from trainer.config.suggest import suggest_option
+
+    close = suggest_option(str(value), [str(option) for option in allowed])
+    hint = f"; did you mean {close}?" if close else ""
+    raise ConfigError(key, f"{value!r} is not one of {', '.join(allowed)}{hint}")
 
 
 def non_negative(value: float, key: str, what: str = "a count", zero: str = "disables") -> None:

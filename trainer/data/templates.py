@@ -105,7 +105,11 @@ def get_template(name: str) -> ChatTemplate:
     try:
         return BUILT_IN[name]()
     except KeyError:
-        raise ConfigError("data.template", f"{name!r} is not one of {', '.join(BUILT_IN)}") from None
+        from trainer.config.suggest import suggest_option
+
+        close = suggest_option(name, list(BUILT_IN))
+        raise ConfigError("data.template", f"{name!r} is not one of {', '.join(BUILT_IN)}"
+                          + (f"; did you mean {close}?" if close else "")) from None
 
 
 def build_template(name: str, tokenizer, formats: Sequence[str]) -> ChatTemplate | None:
