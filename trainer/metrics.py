@@ -25,7 +25,8 @@ class Throughput:
 
 
 def peak_memory_bytes(device) -> int:
-    """GPU: the allocator's peak; CPU: the process's peak resident set (what the OS had to give us)."""
+    """GPU: the allocator's peak since the last reset (the recipe resets it at every step, so a step's metrics show
+    that step's peak); CPU: the process's peak resident set so far (what the OS had to give us; it cannot be reset)."""
     import torch
 
     if device.type == "cuda":

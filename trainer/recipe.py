@@ -70,7 +70,8 @@ class Recipe:
         self.forgetting_rows = build_forgetting_rows(config, self.tokenizer)
         self.accumulation_steps = self._accumulation_steps()
         self.sampler = GlobalBatchSampler(len(self.data.train), config.train.global_batch_size, config.seed,
-                                          config.data.shuffle, data_fingerprint=self.data.fingerprint)
+                                          config.data.shuffle, data_fingerprint=self.data.fingerprint,
+                                          max_steps_per_epoch=config.train.max_steps_per_epoch)
         epoch_steps = math.ceil(config.train.epochs * self.sampler.steps_per_epoch)
         self.total_steps = config.train.max_steps or max(1, epoch_steps)
         self.model, self.optimizer, self.scheduler = self._build_model()
@@ -142,12 +143,19 @@ class Recipe:
                          f"{cfg.train.micro_batch_size} x {self.strategy.world_size} ranks x "
                          f"{self.accumulation_steps} accumulation; {len(self.data.train)} training rows")
         throughput, status, saved_step = Throughput(), "completed", None
+        self.peak_bytes = 0
+        from trainer.profiling import StepProfiler
+
+        profiler = StepProfiler(cfg.logger.profile_steps, self.run_dir, self.strategy.rank, self.strategy.device,
+                                log=self.logger.info)
         # A request during start-up (or the baseline eval) is answered at the first step boundary, so every requeued
         # run makes progress even when the preemptions come quicker than the start-up.
         while self.state.step < self.total_steps:
             started = time.perf_counter()
             self.freezing.on_step(self.state.step)  # gradual unfreezing (a no-op unless configured)
             metrics = self.train_step()
+            self.peak_bytes = max(self.peak_bytes, peak_memory_bytes(self.strategy.device))
+            profiler.step()
             metrics["step_seconds"] = time.perf_counter() - started
             metrics["tokens_per_second"] = throughput.update(metrics.pop("num_tokens"), metrics["step_seconds"])
             self.state_bytes = self.state_bytes or self.strategy.local_state_bytes(self.model, self.optimizer)
@@ -172,9 +180,10 @@ class Recipe:
             if self.preemption.should_stop(self.strategy):
                 status = self._stop_for_preemption(checkpoints, saved_step)
                 break
+        profiler.close()
         status, eval_after, final_dir = self._finish(status, checkpoints, saved_step)
         return self._summary(status, eval_after, final_dir, throughput.steady_tokens_per_second,
-                             peak_memory_bytes(self.strategy.device))
+                             max(self.peak_bytes, peak_memory_bytes(self.strategy.device)))
 
     def _finish(self, status: str, checkpoints, saved_step: int | None) -> tuple[str, dict, str | None]:
         """After the loop: the final evaluation (a preemption request stops it and keeps the trained state as a
@@ -263,6 +272,8 @@ class Recipe:
         from trainer.data.loader import collate, local_microbatches
 
         cfg, strategy = self.config, self.strategy
+        if strategy.device.type == "cuda":  # peak_memory_gib is this step's peak (the summary keeps the run's)
+            torch.cuda.reset_peak_memory_stats(strategy.device)
         global_indices = self.sampler.next_global_batch()
         rows = [self.data.train[i] for i in global_indices]
         # Every rank sees the whole global batch's indices, so it can count its label tokens (pairs, for a

@@ -150,3 +150,19 @@ def test_evaluation_and_checkpoints_every_epoch(tmp_path):
     saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert saved == [f"step-{per_epoch:06d}", f"step-{len(steps):06d}"]
     assert all("peak_memory_gib" in r for r in read_metrics(run_dir) if "loss" in r)
+
+
+def test_capped_epochs_evaluate_and_save_each_and_a_profile_is_written(tmp_path):
+    """train.max_steps_per_epoch=2: an epoch of two steps (evaluated and saved per epoch); logger.profile_steps=2
+    profiles steps 2-3 into a trace and an operator table."""
+    run_dir = tmp_path / "run"
+    _train(run_dir, "train.max_steps=0", "train.epochs=2", "train.max_steps_per_epoch=2", "eval.every_epoch=true",
+           "checkpoint.every_epoch=true", "checkpoint.keep_last=0", "eval.generate_samples=0",
+           "logger.profile_steps=2")
+    logged = [r for r in read_metrics(run_dir) if "loss" in r]
+    assert [(r["step"], r["epoch"]) for r in logged] == [(1, 0), (2, 0), (3, 1), (4, 1)]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    assert [r["step"] for r in read_metrics(run_dir) if "eval_loss" in r] == [0, 2, 4]
+    trace = json.loads((run_dir / "profile" / "rank0.trace.json").read_text())
+    assert any(event.get("name") == "aten::mm" for event in trace["traceEvents"])
+    assert "aten::mm" in (run_dir / "profile" / "rank0-top-ops.txt").read_text()

@@ -90,6 +90,35 @@ def test_schedule_warms_up_then_decays():
     assert lr_multiplier(50, 100, linear) == pytest.approx(0.5)
 
 
+def test_warmup_steps_wins_over_warmup_ratio():
+    from trainer.config.schema import OptimConfig
+    from trainer.optim import lr_multiplier
+
+    cfg = OptimConfig(warmup_steps=4, warmup_ratio=0.5, scheduler="constant")
+    assert [lr_multiplier(step, 100, cfg) for step in range(6)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0])
+
+
+def test_max_steps_per_epoch_cuts_each_epoch_short_with_a_new_shuffle_and_resumes_in_place():
+    from trainer.data.loader import GlobalBatchSampler
+
+    capped = GlobalBatchSampler(100, 10, seed=1, max_steps_per_epoch=3)
+    assert capped.steps_per_epoch == 3 and GlobalBatchSampler(100, 10, seed=1).steps_per_epoch == 10
+    batches = [capped.next_global_batch() for _ in range(7)]
+    assert [capped.state.epoch, capped.state.position] == [2, 10]
+    full = GlobalBatchSampler(100, 10, seed=1)
+    first_epoch = [full.next_global_batch() for _ in range(3)]
+    assert batches[:3] == first_epoch  # the cap cuts the epoch's order short, it does not change it
+    second = GlobalBatchSampler(100, 10, seed=1)
+    second.state.epoch = 1
+    assert batches[3] == second.next_global_batch()  # step 4 starts epoch 1's shuffle
+    resumed = GlobalBatchSampler(100, 10, seed=1, max_steps_per_epoch=3)
+    resumed.load_state_dict({**capped.state_dict()})
+    reference = GlobalBatchSampler(100, 10, seed=1, max_steps_per_epoch=3)
+    for _ in range(7):
+        reference.next_global_batch()
+    assert resumed.next_global_batch() == reference.next_global_batch()
+
+
 def test_no_weight_decay_on_norms_and_biases(tmp_path):
     from trainer.optim import param_groups
 

@@ -337,6 +337,9 @@ class OptimConfig:
 class TrainConfig:
     max_steps: int = 0  # optimizer steps to run; 0: derive from epochs
     epochs: float = 3.0  # passes over the training data when max_steps is 0
+    # cap every epoch at this many optimizer steps (0: the whole data); the next epoch starts a new shuffle. For
+    # big datasets: epoch-based evaluation, checkpoints and schedules on a slice of the data each time
+    max_steps_per_epoch: int = 0
     micro_batch_size: int = 2  # rows per forward/backward on each rank (2 x 2048 tokens: an 8B LoRA fits 80 GB)
     global_batch_size: int = 32  # rows per optimizer step over all ranks; accumulation is derived from it
     # auto (bf16 on GPUs that have it, fp32 on CPU) | fp32 | bf16 | fp16 (fp16 uses dynamic loss scaling)
@@ -348,6 +351,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         one_of(self.nonfinite, ("stop", "skip"), "nonfinite")
         non_negative(self.max_steps, "max_steps", "optimizer steps", zero="derives them from epochs")
+        non_negative(self.max_steps_per_epoch, "max_steps_per_epoch", "optimizer steps", zero="means no cap")
         at_most(self.max_steps, MAX_STEPS_LIMIT, "max_steps", "optimizer steps: decades at a millisecond each")
         at_most(self.epochs, MAX_EPOCHS_LIMIT, "epochs", "passes over the data")
         require(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
@@ -445,10 +449,14 @@ class LoggerConfig:
     progress: bool = True  # progress bar on stderr
     tensorboard: bool = False  # also write TensorBoard event files under <run_dir>/tensorboard
     plot: bool = True  # draw <run_dir>/loss_curve.png at the end
+    # profile this many optimizer steps with torch.profiler, from step 2 (step 1 warms up): a Chrome/Perfetto trace
+    # and a table of the costliest operators per rank under <run_dir>/profile/ (0: off)
+    profile_steps: int = 0
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
         non_negative(self.every_n_steps, "every_n_steps", "steps")
+        non_negative(self.profile_steps, "profile_steps", "steps", zero="turns profiling off")
 
 
 @dataclass

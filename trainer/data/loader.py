@@ -30,7 +30,7 @@ class SamplerState:
 
 class GlobalBatchSampler:
     def __init__(self, num_rows: int, global_batch_size: int, seed: int, shuffle: bool = True,
-                 data_fingerprint: str | None = None):
+                 data_fingerprint: str | None = None, max_steps_per_epoch: int = 0):
         if num_rows < global_batch_size:
             raise ValueError(f"{num_rows} rows cannot fill one global batch of {global_batch_size}")
         self.num_rows = num_rows
@@ -39,13 +39,15 @@ class GlobalBatchSampler:
         self.shuffle = shuffle
         # Identifies the rows (data, tokenizer, template, length, packing): resuming on other rows is refused.
         self.data_fingerprint = data_fingerprint
+        self.max_steps_per_epoch = max_steps_per_epoch  # 0: an epoch is all the rows
         self.state = SamplerState()
         self._order_epoch = -1
         self._order: np.ndarray | None = None
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.num_rows // self.global_batch_size  # the incomplete tail is dropped, reshuffled next epoch
+        full = self.num_rows // self.global_batch_size  # the incomplete tail is dropped, reshuffled next epoch
+        return min(full, self.max_steps_per_epoch) if self.max_steps_per_epoch else full
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if epoch != self._order_epoch:
@@ -57,7 +59,8 @@ class GlobalBatchSampler:
         return self._order
 
     def next_global_batch(self) -> list[int]:
-        if self.state.position + self.global_batch_size > self.num_rows:
+        if self.state.position + self.global_batch_size > self.num_rows \
+                or self.state.position >= self.steps_per_epoch * self.global_batch_size:
             self.state = SamplerState(self.state.epoch + 1, 0)
         order = self._epoch_order(self.state.epoch)
         start = self.state.position
