@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,11 @@ def test_train_writes_the_run_dir_and_a_loadable_final_model(run_dir, peft):
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
 
     final = Path(summary["final_dir"])
+    # Weights are written with the user's umask (safetensors' own files are 0600): the test runs under its own umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    for weights in final.glob("*.safetensors"):
+        assert weights.stat().st_mode & 0o777 == 0o666 & ~umask, (weights, oct(weights.stat().st_mode))
     tokenizer = AutoTokenizer.from_pretrained(final)
     if peft == "lora":
         from peft import PeftModel
