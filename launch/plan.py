@@ -55,6 +55,7 @@ class PlanRequest:
     gpu_memory_gib: float
     host_memory_gib: float | None
     notes: list[str] = field(default_factory=list)
+    rows_per_example: int = 1  # 2 for preference objectives (a pair is two rows)
 
 
 def compose_sections(overrides: list[str]) -> dict[str, Any]:
@@ -224,7 +225,7 @@ def build_request(sections: dict[str, Any]) -> PlanRequest:
     except ValueError as err:
         raise planner_error_to_config_error(err, source) from None
     return PlanRequest(model.name, source, inputs, nodes, gpus_per_node, float(gpu_memory),
-                       hardware.host_memory_gb, notes)
+                       hardware.host_memory_gb, notes, rows_per_example)
 
 
 def plan(request: PlanRequest):
@@ -279,12 +280,34 @@ def render_text(request: PlanRequest, estimate, table) -> str:
         *(f"  {line}" for line in render_estimate(estimate).splitlines()),
         f"  -> {estimate.total / GIB:.1f} of {request.gpu_memory_gib:g} GiB per GPU: "
         f"{'fits' if fits else 'does NOT fit'}",
+        *([] if fits else _knob_lines(request)),
         *(f"note: {note}" for note in request.notes),
         "",
         f"what fits on {table.nodes} node(s) x {table.gpus_per_node} GPU(s):",
         render_table(table, title=request.model_name),
     ]
     return "\n".join(lines)
+
+
+def _knobs(request: PlanRequest):
+    from trainer.plan.knobs import cheap_knobs
+
+    return cheap_knobs(request.inputs, request.gpu_memory_gib, request.host_memory_gib, request.rows_per_example)
+
+
+def _knob_lines(request: PlanRequest) -> list[str]:
+    """The cheap knobs, each with its figure, before the table's answers that need other GPUs or another method."""
+    from trainer.plan import GIB
+
+    knobs = _knobs(request)
+    if not knobs:
+        return []
+    lines = ["  cheap knobs first (GiB per GPU with each; the table below tries other strategies and methods):"]
+    for knob in knobs:
+        verdict = "fits" if knob.fits else "does not fit"
+        caveat = " (truncates longer samples)" if knob.changes_the_job else ""
+        lines.append(f"    {' '.join(knob.overrides)}: {knob.total / GIB:.1f} GiB, {verdict}{caveat}")
+    return lines
 
 
 def render_json(request: PlanRequest, estimate, table) -> dict:
@@ -297,6 +320,9 @@ def render_json(request: PlanRequest, estimate, table) -> dict:
     for entry in report["entries"]:
         per_strategy.setdefault(entry["strategy"], {})[method_label(entry["peft_method"])] = entry["bytes_per_gpu"]
     configured = {**estimate_to_json(estimate), "fits": estimate.fits(request.gpu_memory_gib, request.host_memory_gib)}
+    if not configured["fits"]:
+        configured["cheap_knobs"] = [{"overrides": list(knob.overrides), "bytes_per_gpu": knob.total, "fits": knob.fits,
+                                      "changes_the_job": knob.changes_the_job} for knob in _knobs(request)]
     return {"model": request.model_name, "arch_source": request.arch_source, **report,
             "host_memory_gib": request.host_memory_gib, "configured": configured,
             "bytes_per_gpu_by_strategy": per_strategy, "notes": request.notes}

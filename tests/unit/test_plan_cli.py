@@ -244,3 +244,27 @@ def test_help_lists_plan():
     assert "plan [OVERRIDES]" in result.stdout
     result = run_cli("plan", "--help", timeout=60)
     assert result.returncode == 0 and "--json" in result.stdout
+
+
+def test_a_run_that_does_not_fit_is_shown_the_cheap_knobs_first_with_their_figures():
+    """Llama-3.1-8B LoRA on one 24 GB GPU, micro batch 4 x 2048 tokens, checkpointing and the chunked loss off: no
+    single knob is enough, all of the job-keeping ones together are; each figure is the planner's own."""
+    overrides = ("model=llama-3.1-8b", "peft=lora", "hardware.gpu_memory_gb=24", "train.micro_batch_size=4",
+                 "data.max_seq_len=2048", "train.gradient_checkpointing=false", "objective.chunk_tokens=0",
+                 "train.global_batch_size=32")
+    report = plan_json(*overrides)
+    assert not report["configured"]["fits"]
+    knobs = {" ".join(k["overrides"]): k for k in report["configured"]["cheap_knobs"]}
+    alone = ("train.gradient_checkpointing=true", "objective.chunk_tokens=256", "train.micro_batch_size=1",
+             "optim=adamw_8bit")
+    assert all(key in knobs and not knobs[key]["fits"] for key in alone), list(knobs)
+    together = knobs[" ".join(alone)]
+    assert together["fits"] and not together["changes_the_job"]
+    assert knobs["data.max_seq_len=1024"]["changes_the_job"]
+    total = report["configured"]["bytes_per_gpu"]["total"]
+    assert all(k["bytes_per_gpu"] < total for k in knobs.values())
+    # The same figures as planning the knob directly
+    direct = plan_json(*overrides, "train.gradient_checkpointing=true")
+    assert direct["configured"]["bytes_per_gpu"]["total"] == knobs["train.gradient_checkpointing=true"]["bytes_per_gpu"]
+    text = run_cli("plan", *overrides, timeout=60).stdout
+    assert text.index("cheap knobs first") < text.index("what fits on")
