@@ -43,14 +43,26 @@ def plot_loss_curve(metrics_path: str, out_path: str, title: str | None = None) 
     if not os.path.exists(metrics_path):
         return None
     series = _read(metrics_path)
-    train, evals = series["loss"], series["eval_loss"]
-    if not train and not evals:
+    if not series["loss"] and not series["eval_loss"]:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig = loss_figure(series, title)
+    tmp = out_path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out_path)
+    return out_path
+
+
+def loss_figure(series: dict[str, list[tuple[int, float]]], title: str | None = None):
+    """The matplotlib Figure of loss_curve.png for SERIES (as read from metrics.jsonl)."""
+    import matplotlib.pyplot as plt
+
+    train, evals = series["loss"], series["eval_loss"]
     side = [key for key in ("lr", "eval_forgetting_loss") if series[key]]
     fig, axes = plt.subplots(1, 1 + len(side), figsize=(7 + 3.5 * len(side), 4), dpi=100, squeeze=False,
                              gridspec_kw={"width_ratios": [2] + [1] * len(side)})
@@ -60,7 +72,7 @@ def plot_loss_curve(metrics_path: str, out_path: str, title: str | None = None) 
         loss_ax.plot(steps, losses, linewidth=0.8, alpha=0.35, color="C0", label="train loss (per step)")
         loss_ax.plot(steps, smoothed(list(losses)), linewidth=1.6, color="C0", label="train loss (smoothed)")
     if evals:
-        loss_ax.plot(*zip(*evals), "o--", color="C1", markersize=5, linewidth=1, label="eval loss")
+        loss_ax.plot(*zip(*evals), "o:", color="C1", markersize=6, linewidth=0.8, alpha=0.9, label="eval loss")
     values = [v for _, v in train + evals if v > 0]
     if values and max(values) / min(values) > LOG_SCALE_RATIO:
         loss_ax.set_yscale("log")
@@ -75,11 +87,7 @@ def plot_loss_curve(metrics_path: str, out_path: str, title: str | None = None) 
         ax.grid(alpha=0.3)
     fig.suptitle(_title(title, train, evals), fontsize=10)
     fig.tight_layout()
-    tmp = out_path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out_path)
-    return out_path
+    return fig
 
 
 def _title(name: str | None, train: list, evals: list) -> str:

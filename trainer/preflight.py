@@ -27,8 +27,8 @@ def preflight(config: Config, files: bool = True) -> None:
     files may be copied in before the job starts); the architecture's config.json is still read."""
     if files:
         check_model_files(config.model)
+        check_tokenizer_files(config.model)  # a file listing: before the weights' check, which loads transformers
         check_model_weights(config.model)
-        check_tokenizer_files(config.model)
     check_attention_available(config.model)
     if config.peft.name != "none":
         check_peft_modules(config.model, config.peft)

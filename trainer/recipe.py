@@ -508,6 +508,18 @@ def _figure(value) -> str:
     return f"{value:,.4f}" if abs(value) < 1e6 else f"{value:.4g}"
 
 
+def result_table(before: dict, after: dict) -> list[str]:
+    """The end-of-run table: one row per eval metric, before and after training, right-aligned figures."""
+    if not (before or after):
+        return []
+    keys = sorted(set(before) | set(after))
+    cells = [(key, _figure(before.get(key)), _figure(after.get(key))) for key in keys]
+    width = max(len("metric"), *map(len, keys)) + 2
+    column = max(len("before"), *(max(len(b), len(a)) for _, b, a in cells)) + 2  # never run figures together
+    return [f"{'metric':<{width}}{'before':>{column}}{'after':>{column}}",
+            *(f"{key:<{width}}{b:>{column}}{a:>{column}}" for key, b, a in cells)]
+
+
 def _print_result(recipe: Recipe, summary: dict) -> None:
     if summary["status"] in ("preempted", "stopped_nonfinite"):
         print(f"run {_stop_message(recipe, summary)}", flush=True)
@@ -515,12 +527,6 @@ def _print_result(recipe: Recipe, summary: dict) -> None:
     before, after = summary["eval_before"], summary["eval_after"]
     lines = [f"run {summary['status']}: {summary['steps']} steps in {summary['wall_seconds']} s; "
              f"train loss {summary['train_loss_first']:.4f} -> {summary['train_loss_last']:.4f}"]
-    if before or after:
-        keys = sorted(set(before) | set(after))
-        cells = [(key, _figure(before.get(key)), _figure(after.get(key))) for key in keys]
-        width = max(len("metric"), *map(len, keys)) + 2
-        column = max(len("before"), *(max(len(b), len(a)) for _, b, a in cells)) + 2  # never run figures together
-        lines.append(f"{'metric':<{width}}{'before':>{column}}{'after':>{column}}")
-        lines += [f"{key:<{width}}{b:>{column}}{a:>{column}}" for key, b, a in cells]
+    lines += result_table(before, after)
     lines.append(f"run dir: {recipe.run_dir}  (summary.json, metrics.jsonl, loss_curve.png, final/)")
     print("\n".join(lines), flush=True)

@@ -4,6 +4,8 @@ no run dir, and where a name is mistyped, the closest existing one (trainer/pref
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -42,6 +44,13 @@ def test_a_model_dir_without_a_tokenizer_says_so_and_how_to_go_on(model_without,
         result = run_cli(*command, f"model.path={model}", *TRAIN, timeout=300)
         assert_one_line_error(result, "model.path", "has no tokenizer", "set model.tokenizer")
     assert not (tmp_path / "run").exists()
+    # A file listing, answered before torch or transformers are imported (in about a second, not ~10).
+    code = ("import sys\nfrom trainer.cli import main\ntry:\n"
+            f"    rc = main(['train', 'model.path={model}', 'run.dir={tmp_path / 'run'}', *{list(TRAIN)!r}])\n"
+            "except SystemExit as stop:\n    rc = stop.code\n"
+            "print('RESULT', rc, [m for m in ('torch', 'transformers') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.stdout.strip().splitlines()[-1] == "RESULT 2 []", out.stdout + out.stderr
     # Naming the base model's tokenizer is the way on.
     check = run_cli("data", "check", f"model.path={model}", f"model.tokenizer={TINY}", *TRAIN, timeout=300)
     assert check.returncode == 0, check.stderr

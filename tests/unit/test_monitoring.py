@@ -37,6 +37,14 @@ def test_the_end_of_run_table_keeps_large_figures_apart():
     cells = [_figure(6330435.80792587), _figure(206.9894), _figure(None)]
     assert cells == ["6.33e+06", "206.9894", "-"]
 
+    from trainer.recipe import result_table
+
+    table = result_table({"perplexity": 6330435.80792587, "loss": 15.66}, {"perplexity": 206.9894, "loss": 5.33,
+                                                                        "exact_match": 0.4})
+    assert len({len(line) for line in table}) == 1  # every row as wide as the header: columns line up
+    assert [line.split() for line in table] == [["metric", "before", "after"], ["exact_match", "-", "0.4000"],
+                                                ["loss", "15.6600", "5.3300"], ["perplexity", "6.33e+06", "206.9894"]]
+
 
 def test_the_loss_curve_has_panels_for_the_learning_rate_and_forgetting(tmp_path):
     from PIL import Image
@@ -53,6 +61,20 @@ def test_the_loss_curve_has_panels_for_the_learning_rate_and_forgetting(tmp_path
     narrow = plot_loss_curve(str(plain), str(tmp_path / "narrow.png"))
     assert Image.open(wide).size[0] > Image.open(narrow).size[0]  # the side panels are drawn
     assert smoothed([4.0, 4.0, 4.0]) == pytest.approx([4.0, 4.0, 4.0])  # no pull towards zero at the start
+
+    # What is drawn: loss on a log scale (it spans 20x), evaluations as markers, the LR and forgetting panels, and
+    # the run's name with its figures as the title.
+    from trainer.plots import _read, loss_figure
+
+    figure = loss_figure(_read(str(metrics)), "my-run")
+    loss_ax, lr_ax, forgetting_ax = figure.axes
+    assert loss_ax.get_yscale() == "log"
+    eval_line = next(line for line in loss_ax.get_lines() if line.get_label() == "eval loss")
+    assert eval_line.get_marker() == "o" and list(eval_line.get_xdata()) == [25, 50]
+    assert (lr_ax.get_title(), forgetting_ax.get_title()) == ("learning rate", "forgetting-data loss")
+    assert figure._suptitle.get_text() == "my-run  |  train loss 10 -> 0.2 in 50 steps  |  eval loss 0.16"
+    flat = loss_figure(_read(str(plain)), None)
+    assert len(flat.axes) == 1 and flat.axes[0].get_yscale() == "log"  # 10 -> 0.2 is still wide
 
 
 def test_written_weights_follow_the_umask(tmp_path):
