@@ -34,6 +34,10 @@ def test_a_config_file_composes_like_the_overrides_it_holds_and_the_command_line
     assert from_file.model.arch["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
     later = compose_config(str(mine), "optim.lr=5e-5", "peft=lora")
     assert later.optim.lr == 5e-5 and later.peft.name == "lora"
+    # through the CLI, as a user runs it: `trainer train my-run.yaml` (here, what it would freeze)
+    job = run_cli("train", str(mine), "optim.lr=5e-5", "--cfg", "job", timeout=120)
+    assert job.returncode == 0, job.stderr
+    assert "lr: 5.0e-05" in job.stdout and "name: qlora" in job.stdout
 
 
 def test_mistakes_in_a_config_file_are_one_line_naming_the_key_or_the_line(tmp_path):

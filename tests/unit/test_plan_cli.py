@@ -242,6 +242,7 @@ def test_missing_arch_field_is_named(tmp_path):
 def test_help_lists_plan():
     result = run_cli("--help", timeout=60)
     assert "plan [OVERRIDES]" in result.stdout
+    assert "--to gguf|gguf-model" in result.stdout and "--to hf|adapter|merged" in result.stdout  # every export target
     result = run_cli("plan", "--help", timeout=60)
     assert result.returncode == 0 and "--json" in result.stdout
 
