@@ -36,6 +36,9 @@ commands:
                         for llama.cpp: a LoRA adapter (--lora FILE) or the (merged) model as one GGUF file
   generate SOURCE [PROMPT ...] [--adapter NAME=PATH ...] [--prompts FILE]
                         greedy answers from a model or run, switching between several adapters on one base
+  eval SOURCE --data FILE [--adapter NAME=PATH ...] [--base-too] [--json FILE]
+                        score a model, adapter or run (and others beside it) on a data file: loss, perplexity,
+                        exact match, token F1, BLEU, ROUGE-1/2/L, time to first token, decoding tokens/s
 
 Run `trainer <command> --help` for a command's options. Config groups and keys: README.md.
 """
@@ -78,7 +81,13 @@ def _commands() -> dict:
 
         return generate_main(argv)
 
-    return {"train": train, "data": data, "plan": plan, "sweep": sweep, "export": export, "generate": generate}
+    def evaluate(argv: list[str]) -> int:
+        from launch.score import main as eval_main
+
+        return eval_main(argv)
+
+    return {"train": train, "data": data, "plan": plan, "sweep": sweep, "export": export, "generate": generate,
+            "eval": evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

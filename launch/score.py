@@ -1,0 +1,226 @@
+"""`trainer eval SOURCE --data FILE [--adapter NAME=PATH ...] [--base-too]`: a model, an adapter or a run scored on
+a data file, side by side.
+
+The targets load as `trainer generate` loads them (launch/generate.py): one base model, each adapter attached under
+its name and made active in turn, so a base and its fine-tunes are compared on one copy of the weights. The data
+file is read by the project's own parsers (any supported format; bad records are one line naming file and line) and
+rendered with the run's template, as training rendered it. For each target:
+
+* loss and perplexity over the answers' tokens (teacher forcing; the loss training logs as eval_loss);
+* greedy answers to the prompts against the references: exact match and token F1 (as in-run evaluation), BLEU
+  (sacrebleu's corpus BLEU) and ROUGE-1/2/L F-measures (rouge-score, stemmed);
+* latency: time to the first new token (median over up to 5 prompts, one at a time) and decoding throughput
+  (prompts x decoded positions per second over all batches).
+
+Results print as one table (a column per target) and, with --json FILE, as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+from trainer.errors import UserError
+
+DESCRIPTION = """\
+SOURCE is a model dir or a run dir (its final/: the trained model, or an adapter attached to its base under the
+run dir's name); each --adapter NAME=PATH (an adapter dir or run dir) is scored too, and --base-too adds the base
+alone. --data is any file `trainer train` reads (alpaca, chat, sharegpt, completion, ... with --format, else
+detected); its records are rendered with the run's template (or --template) and their last answers are the
+references.
+
+e.g. trainer eval runs/facts-lora --data facts-val.jsonl --base-too --json scores.json
+"""
+LATENCY_PROMPTS = 5
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UserError(f"eval: {message} (see trainer eval --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from launch.generate import TEMPLATES
+
+    parser = _OneLineParser(prog="trainer eval", description=DESCRIPTION,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="a model dir or a run dir")
+    parser.add_argument("--data", required=True, help="a data file in any supported format")
+    parser.add_argument("--format", default="auto", help="the data file's format (default: detected)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                        help="also score an adapter (an adapter dir or run dir) under NAME; repeatable")
+    parser.add_argument("--base-too", action="store_true", help="also score the base model, adapters off")
+    parser.add_argument("--template", choices=TEMPLATES, default="auto",
+                        help="prompt template (auto: the run's data.template, else the tokenizer's chat template)")
+    parser.add_argument("--max-samples", type=int, default=0, help="score the first N records only (0: all)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-seq-len", type=int, default=2048, help="longer samples are truncated for the loss")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--json", dest="json_path", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run Python code that the model dir ships (auto_map); off unless you trust its source")
+    return parser
+
+
+class _OneProcess:
+    """The strategy interface trainer/evaluate.py uses, for one process on one device."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, device):
+        import contextlib
+
+        self.device = device
+        self.autocast = contextlib.nullcontext
+
+    @staticmethod
+    def all_reduce_sum(value):
+        return value
+
+
+def read_examples(path: str, fmt: str, max_samples: int):
+    """The file's records parsed by the project's parsers, before any model loads: a missing file, a bad record or
+    a file without prompts and answers is one line at once."""
+    from trainer.config.schema import DataConfig
+    from trainer.data.pipeline import parse_sources
+    from trainer.errors import ConfigError
+
+    if not os.path.isfile(path):
+        raise UserError(f"eval: --data {path!r} does not exist")
+    try:
+        cfg = DataConfig(path=path, format=fmt)
+    except ConfigError as err:
+        raise UserError(f"eval: --format: {err}") from None
+    parsed = parse_sources(cfg)
+    examples = [example for source in parsed.examples for example in source]
+    examples = [example for example in examples if example.messages or any(not trained for _, trained in example.raw)]
+    if not examples:
+        raise UserError(f"eval: {path} has no record with a prompt and an answer to score (expected instruction, "
+                        "conversation or prompt/completion records; plain text has no reference answer)")
+    return examples[:max_samples] if max_samples else examples
+
+
+def render_samples(examples, template, tokenizer):
+    """The records rendered as training renders them: [Sample] with prompt and reference."""
+    from trainer.data.templates import render_example
+
+    samples = [render_example(example, template, tokenizer.bos_token) for example in examples]
+    return [sample for sample in samples if sample.prompt and sample.reference]
+
+
+def text_metrics(answers: list[str], references: list[str]) -> dict:
+    """Exact match and token F1 (trainer/evaluate.py's, as in-run evaluation), BLEU and ROUGE F-measures (0-1)."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    from trainer.evaluate import normalize_answer, token_f1
+
+    count = max(len(answers), 1)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    rouge = {key: 0.0 for key in ("rouge1", "rouge2", "rougeL")}
+    for answer, reference in zip(answers, references, strict=True):
+        for key, score in scorer.score(reference, answer).items():
+            rouge[key] += score.fmeasure
+    return {
+        "exact_match": sum(normalize_answer(a) == normalize_answer(r) for a, r in zip(answers, references)) / count,
+        "token_f1": sum(token_f1(a, r) for a, r in zip(answers, references)) / count,
+        "bleu": sacrebleu.corpus_bleu(answers, [references]).score / 100,
+        **{key: value / count for key, value in rouge.items()},
+    }
+
+
+def score_target(model, tokenizer, samples, args, device) -> dict:
+    """Every metric for the model as it is now (the active adapter, or none)."""
+    from trainer.data.encode import encode_samples
+    from trainer.evaluate import evaluate_loss, greedy_generate
+
+    strategy = _OneProcess(device)
+    table, _, _, _ = encode_samples(samples, tokenizer, args.max_seq_len, train_on_inputs=False)
+    rows = [table.sample(i) for i in range(len(table))]
+    metrics = dict(evaluate_loss(model, rows, strategy, args.batch_size, tokenizer.pad_token_id))
+    prompts = [sample.prompt for sample in samples]
+    answers: list[str] = []
+    started = time.perf_counter()
+    for start in range(0, len(prompts), args.batch_size):
+        answers += greedy_generate(model, tokenizer, prompts[start:start + args.batch_size], args.max_new_tokens,
+                                   device, strategy.autocast)
+    decoding = time.perf_counter() - started
+    metrics.update(text_metrics(answers, [sample.reference for sample in samples]))
+    first_token = []
+    for prompt in prompts[:LATENCY_PROMPTS]:
+        started = time.perf_counter()
+        greedy_generate(model, tokenizer, [prompt], 1, device, strategy.autocast)
+        first_token.append(time.perf_counter() - started)
+    metrics["time_to_first_token_s"] = statistics.median(first_token)
+    metrics["decode_tokens_per_second"] = len(prompts) * args.max_new_tokens / max(decoding, 1e-9)
+    return {"metrics": metrics, "answers": answers}
+
+
+def score_all(model, tokenizer, samples, names: list[str], args) -> dict:
+    """{target name: {"metrics": ..., "answers": [...]}} for the base (when asked, or alone) and each adapter."""
+    import contextlib
+
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    results = {}
+    if args.base_too or not names:
+        with model.disable_adapter() if names else contextlib.nullcontext():
+            results["base"] = score_target(model, tokenizer, samples, args, device)
+    for name in names:
+        model.set_adapter(name)
+        results[name] = score_target(model, tokenizer, samples, args, device)
+    return results
+
+
+def render_table(results: dict) -> str:
+    from trainer.recipe import _figure
+
+    names = list(results)
+    keys = list(next(iter(results.values()))["metrics"])
+    cells = [[key, *(_figure(results[name]["metrics"].get(key)) for name in names)] for key in keys]
+    header = ["metric", *names]
+    widths = [max(len(str(row[i])) for row in [header, *cells]) + 2 for i in range(len(header))]
+    lines = [header[0].ljust(widths[0]) + "".join(h.rjust(w) for h, w in zip(header[1:], widths[1:]))]
+    lines += [row[0].ljust(widths[0]) + "".join(c.rjust(w) for c, w in zip(row[1:], widths[1:])) for row in cells]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    from launch.generate import choose_template, final_dir, load_models, parse_adapters
+
+    args = build_parser().parse_args(argv)
+    for name in ("max_new_tokens", "max_seq_len", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"eval: --{name.replace('_', '-')} must be >= 1")
+    if not os.path.isdir(args.source):
+        raise UserError(f"eval: {args.source!r} is not a model dir or run dir")
+    final_dir(args.source)  # an unfinished run or truncated weights: one line now, before any library loads
+    adapters = parse_adapters(args.adapter)
+    examples = read_examples(args.data, args.format, args.max_samples)
+    model, tokenizer, names, run_config = load_models(args.source, adapters, args.trust_remote_code)
+    template = choose_template(args.template, tokenizer, run_config)
+    samples = render_samples(examples, template, tokenizer)
+    if not samples:
+        raise UserError(f"eval: no record of {args.data} renders to a prompt and an answer with this template")
+    results = score_all(model, tokenizer, samples, names, args)
+    print(f"{len(samples)} samples from {args.data}; greedy answers of up to {args.max_new_tokens} tokens")
+    print(render_table(results))
+    if args.json_path:
+        report = {"data": os.path.abspath(args.data), "samples": len(samples), "max_new_tokens": args.max_new_tokens,
+                  "targets": {name: {"metrics": result["metrics"],
+                                     "answers": [{"prompt": s.prompt, "reference": s.reference, "answer": a}
+                                                 for s, a in zip(samples, result["answers"])]}
+                              for name, result in results.items()}}
+        tmp = f"{args.json_path}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump(report, fh, indent=2)
+        os.replace(tmp, args.json_path)
+        print(f"results: {args.json_path}")
+    sys.stdout.flush()
+    return 0
