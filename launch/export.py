@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from trainer.errors import UserError
+from launch.cli_args import OneLineParser
 
 DESCRIPTION = """\
 Export a run dir (its final/ if finished, else its newest committed checkpoint), a checkpoint dir
@@ -20,10 +20,6 @@ Export a run dir (its final/ if finished, else its newest committed checkpoint),
   --to gguf-model  a Llama-family model (merged, if PEFT) as one GGUF file (--gguf-dtype f16|q8_0|f32)
 """
 
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UserError(f"export: {message} (see `trainer export --help`)")
 
 
 def _size(text: str) -> int:
@@ -39,7 +35,7 @@ def _size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="trainer export", description=DESCRIPTION,
+    parser = OneLineParser(prog="trainer export", description=DESCRIPTION,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="a run dir, a checkpoint dir (RUN/checkpoints/step-N) or a final/ dir")
     parser.add_argument("--to", required=True, choices=["hf", "adapter", "merged", "gguf", "gguf-model"],

@@ -17,6 +17,7 @@ import os
 import sys
 from dataclasses import dataclass
 
+from launch.cli_args import OneLineParser
 from trainer.errors import UserError
 from trainer.jsonfile import read_json
 
@@ -33,13 +34,9 @@ e.g. trainer generate runs/facts-lora "Where does the flunk live?"
 TEMPLATES = ("auto", "tokenizer", "chatml", "llama-3", "alpaca", "none")
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UserError(f"generate: {message} (see `trainer generate --help`)")
-
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="trainer generate", description=DESCRIPTION,
+    parser = OneLineParser(prog="trainer generate", description=DESCRIPTION,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="a model dir or a run dir")
     parser.add_argument("prompts", nargs="*", help="prompts to answer")

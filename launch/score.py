@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 
+from launch.cli_args import OneLineParser
 from trainer.errors import UserError
 
 DESCRIPTION = """\
@@ -38,15 +39,11 @@ e.g. trainer eval runs/facts-lora --data facts-val.jsonl --base-too --json score
 LATENCY_PROMPTS = 5
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UserError(f"eval: {message} (see trainer eval --help)")
-
 
 def build_parser() -> argparse.ArgumentParser:
     from launch.generate import TEMPLATES
 
-    parser = _OneLineParser(prog="trainer eval", description=DESCRIPTION,
+    parser = OneLineParser(prog="trainer eval", description=DESCRIPTION,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="a model dir or a run dir")
     parser.add_argument("--data", required=True, help="a data file in any supported format")
