@@ -269,3 +269,18 @@ def test_a_run_that_does_not_fit_is_shown_the_cheap_knobs_first_with_their_figur
     assert direct["configured"]["bytes_per_gpu"]["total"] == knobs["train.gradient_checkpointing=true"]["bytes_per_gpu"]
     text = run_cli("plan", *overrides, timeout=60).stdout
     assert text.index("cheap knobs first") < text.index("what fits on")
+
+
+@pytest.mark.parametrize("strategy", ["single", "zero2", "fsdp"])
+def test_every_cheap_knob_the_plan_shows_is_a_setting_train_accepts(strategy):
+    from tests.conftest import compose_config
+    from trainer.config.validate import check_peft_optim_strategy
+
+    overrides = ("model=llama-3.1-70b", "peft=lora", f"strategy={strategy}", "hardware.gpu_memory_gb=80",
+                 "train.gradient_checkpointing=false", "objective.chunk_tokens=0", "train.micro_batch_size=2",
+                 "train.global_batch_size=16", f"launcher.nproc_per_node={1 if strategy == 'single' else 8}")
+    knobs = plan_json(*overrides)["configured"]["cheap_knobs"]
+    assert knobs
+    for knob in knobs:
+        config = compose_config(*overrides, *knob["overrides"], "model.path=null", "model.init=random")
+        check_peft_optim_strategy(config)

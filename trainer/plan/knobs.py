@@ -36,7 +36,10 @@ def cheap_knobs(inputs: PlanInputs, gpu_memory_gib: float, host_memory_gib: floa
         variants.append(((f"train.micro_batch_size={micro}",), {"micro_batch_size": micro * rows_per_example}, False))
     if inputs.optimizer == "adamw" and not refusal(inputs.strategy, inputs.peft_method, "adamw_8bit") \
             and inputs.strategy != "zero3_offload":
-        variants.append((("optim=adamw_8bit",), {"optimizer": "adamw_8bit"}, False))
+        # DeepSpeed takes a bitsandbytes optimizer only when told to (trainer/config/validate.py says so too)
+        untested = ("+strategy.deepspeed_overrides.zero_allow_untested_optimizer=true",) \
+            if inputs.strategy.startswith("zero") else ()
+        variants.append((("optim=adamw_8bit", *untested), {"optimizer": "adamw_8bit"}, False))
     seq = inputs.seq_len
     for _ in range(2):
         seq //= 2
@@ -49,10 +52,11 @@ def cheap_knobs(inputs: PlanInputs, gpu_memory_gib: float, host_memory_gib: floa
     for overrides, changes, changes_the_job in variants:
         if not changes_the_job and not (overrides[0].startswith("train.micro_batch_size=")
                                         and changes["micro_batch_size"] != rows_per_example):
-            together[overrides[0]] = changes
+            together[overrides] = changes
     if len(together) > 1:
         merged = {key: value for changes in together.values() for key, value in changes.items()}
-        knobs.append(_knob(inputs, tuple(together), merged, False, gpu_memory_gib, host_memory_gib))
+        knobs.append(_knob(inputs, tuple(o for group in together for o in group), merged, False, gpu_memory_gib,
+                           host_memory_gib))
     return [knob for knob in knobs if knob is not None]
 
 
