@@ -72,8 +72,12 @@ def node_launcher(launcher: SlurmLauncherConfig) -> str:
         lines = [f'"$PYTHON" -m torch.distributed.run --standalone --nproc_per_node={procs} --max_restarts=0',
                  '-m trainer.worker "$RUN_DIR"']
     else:
+        # The first node (MASTER_ADDR) hosts the rendezvous store, said explicitly: torchrun's own guess takes any
+        # node for which MASTER_ADDR is a local or loopback address as a host, so two nodes on one machine (the dev
+        # cluster, tests/slurm) could both serve the store and the agents split between them.
         lines = [f'"$PYTHON" -m torch.distributed.run --nnodes={launcher.nodes} --nproc_per_node={procs}',
                  '--rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID"',
+                 '--rdzv_conf=is_host=$([ "$SLURM_NODEID" = 0 ] && echo 1 || echo 0)',
                  "--max_restarts=0 -m trainer.worker \"$RUN_DIR\""]
     return " \\\n    ".join(lines)
 
