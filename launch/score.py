@@ -201,6 +201,8 @@ def main(argv: list[str]) -> int:
     adapters = parse_adapters(args.adapter)
     examples = read_examples(args.data, args.format, args.max_samples)
     model, tokenizer, names, run_config = load_models(args.source, adapters, args.trust_remote_code)
+    if tokenizer.pad_token_id is None:  # batches are padded; the padding is masked out of every metric
+        tokenizer.pad_token = tokenizer.eos_token
     template = choose_template(args.template, tokenizer, run_config)
     samples = render_samples(examples, template, tokenizer)
     if not samples:
