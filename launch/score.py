@@ -80,8 +80,8 @@ class _OneProcess:
 
 
 def read_examples(path: str, fmt: str, max_samples: int):
-    """The file's records parsed by the project's parsers, before any model loads: a missing file, a bad record or
-    a file without prompts and answers is one line at once."""
+    """(examples, detected formats): the file's records parsed by the project's parsers, before any model loads; a
+    missing file, a bad record or a file without prompts and answers is one line at once."""
     from trainer.config.schema import DataConfig
     from trainer.data.pipeline import parse_sources
     from trainer.errors import ConfigError
@@ -98,7 +98,7 @@ def read_examples(path: str, fmt: str, max_samples: int):
     if not examples:
         raise UserError(f"eval: {path} has no record with a prompt and an answer to score (expected instruction, "
                         "conversation or prompt/completion records; plain text has no reference answer)")
-    return examples[:max_samples] if max_samples else examples
+    return (examples[:max_samples] if max_samples else examples), parsed.formats
 
 
 def render_samples(examples, template, tokenizer):
@@ -199,11 +199,17 @@ def main(argv: list[str]) -> int:
         raise UserError(f"eval: {args.source!r} is not a model dir or run dir")
     final_dir(args.source)  # an unfinished run or truncated weights: one line now, before any library loads
     adapters = parse_adapters(args.adapter)
-    examples = read_examples(args.data, args.format, args.max_samples)
+    examples, formats = read_examples(args.data, args.format, args.max_samples)
     model, tokenizer, names, run_config = load_models(args.source, adapters, args.trust_remote_code)
     if tokenizer.pad_token_id is None:  # batches are padded; the padding is masked out of every metric
         tokenizer.pad_token = tokenizer.eos_token
-    template = choose_template(args.template, tokenizer, run_config)
+    if args.template == "auto" and not run_config.get("data"):
+        # No run to follow: the template `trainer train` would pick for this data and tokenizer.
+        from trainer.data.templates import build_template
+
+        template = build_template("auto", tokenizer, formats)
+    else:
+        template = choose_template(args.template, tokenizer, run_config)
     samples = render_samples(examples, template, tokenizer)
     if not samples:
         raise UserError(f"eval: no record of {args.data} renders to a prompt and an answer with this template")
