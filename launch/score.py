@@ -195,6 +195,8 @@ def main(argv: list[str]) -> int:
     for name in ("max_new_tokens", "max_seq_len", "batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"eval: --{name.replace('_', '-')} must be >= 1")
+    if args.max_samples < 0:
+        raise UserError("eval: --max-samples must be >= 0 (0: every record)")
     if not os.path.isdir(args.source):
         raise UserError(f"eval: {args.source!r} is not a model dir or run dir")
     final_dir(args.source)  # an unfinished run or truncated weights: one line now, before any library loads

@@ -129,15 +129,19 @@ class RunLogger:
             self.wandb_run.log({"eval/samples": table}, step=step)
 
     def log_final_model(self, final_dir: str, kind: str) -> None:
-        """final/ as a W&B model artifact (the adapter or the full model, with its tokenizer); offline runs keep it
-        under RUN/wandb/ until `wandb sync`."""
+        """final/ as a W&B model artifact; offline runs keep it under RUN/wandb/ until `wandb sync`. An adapter (MBs)
+        is uploaded with its tokenizer; a full model (up to hundreds of GB) is recorded by reference -- its files'
+        path and checksums, no upload -- so a run's end never waits on, or pays for, copying the weights."""
         if self.wandb_run is None:
             return
         import wandb
 
         artifact = wandb.Artifact(f"{_artifact_name(self.wandb_run.name or 'run')}-{kind}", type="model",
-                                  metadata={"kind": kind})
-        artifact.add_dir(final_dir)
+                                  metadata={"kind": kind, "path": os.path.abspath(final_dir)})
+        if kind == "adapter":
+            artifact.add_dir(final_dir)
+        else:
+            artifact.add_reference(f"file://{os.path.abspath(final_dir)}")
         self.wandb_run.log_artifact(artifact, aliases=["latest", "final"])
 
     def progress(self, step: int, total: int, metrics: dict) -> None:

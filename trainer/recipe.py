@@ -142,12 +142,25 @@ class Recipe:
         self.logger.info(f"training {self.total_steps} steps: global batch {cfg.train.global_batch_size} = micro "
                          f"{cfg.train.micro_batch_size} x {self.strategy.world_size} ranks x "
                          f"{self.accumulation_steps} accumulation; {len(self.data.train)} training rows")
-        throughput, status, saved_step = Throughput(), "completed", None
+        throughput = Throughput()
         self.peak_bytes = 0
         from trainer.profiling import StepProfiler
 
         profiler = StepProfiler(cfg.logger.profile_steps, self.run_dir, self.strategy.rank, self.strategy.device,
                                 log=self.logger.info)
+        try:
+            status, saved_step = self._loop(cfg, checkpoints, throughput, profiler)
+        finally:
+            profiler.close()  # also when a step raises: the profiler's threads and buffers go with it
+        status, eval_after, final_dir = self._finish(status, checkpoints, saved_step)
+        return self._summary(status, eval_after, final_dir, throughput.steady_tokens_per_second,
+                             max(self.peak_bytes, peak_memory_bytes(self.strategy.device)))
+
+    def _loop(self, cfg, checkpoints, throughput, profiler) -> tuple[str, int | None]:
+        """The optimizer steps, with their logging, evaluation, checkpoints and stops: (status, last saved step)."""
+        from trainer.metrics import peak_memory_bytes
+
+        status, saved_step = "completed", None
         # A request during start-up (or the baseline eval) is answered at the first step boundary, so every requeued
         # run makes progress even when the preemptions come quicker than the start-up.
         while self.state.step < self.total_steps:
@@ -180,10 +193,7 @@ class Recipe:
             if self.preemption.should_stop(self.strategy):
                 status = self._stop_for_preemption(checkpoints, saved_step)
                 break
-        profiler.close()
-        status, eval_after, final_dir = self._finish(status, checkpoints, saved_step)
-        return self._summary(status, eval_after, final_dir, throughput.steady_tokens_per_second,
-                             max(self.peak_bytes, peak_memory_bytes(self.strategy.device)))
+        return status, saved_step
 
     def _finish(self, status: str, checkpoints, saved_step: int | None) -> tuple[str, dict, str | None]:
         """After the loop: the final evaluation (a preemption request stops it and keeps the trained state as a

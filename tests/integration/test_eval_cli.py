@@ -54,6 +54,8 @@ def test_eval_mistakes_are_one_line(lora_run, tmp_path):
     assert_one_line_error(run_cli("eval", str(lora_run), "--data", str(tmp_path / "none.jsonl")),
                           "eval: --data", "does not exist")
     assert_one_line_error(run_cli("eval", str(lora_run)), "eval: the following arguments are required: --data")
+    assert_one_line_error(run_cli("eval", str(lora_run), "--data", str(ALPACA), "--max-samples", "-1"),
+                          "eval: --max-samples must be >= 0")
     text = tmp_path / "notes.txt"
     text.write_text("just some prose\n")
     assert_one_line_error(run_cli("eval", str(lora_run), "--data", str(text), timeout=300),

@@ -133,6 +133,7 @@ def test_samples_and_the_final_adapter_reach_tensorboard_and_wandb_offline(tmp_p
     logger = RunLogger(cfg, str(tmp_path), "my run/1", {"optim": {"lr": 2e-4}})
     logger.log_samples(4, [{"prompt": "Which | creature?", "answer": "the fox", "reference": "the fox"}])
     logger.log_final_model(str(final), "adapter")
+    logger.log_final_model(str(final), "model")  # a full model: recorded by reference, not uploaded
     logger.close()
 
     record = json.loads((tmp_path / "samples.jsonl").read_text().splitlines()[0])
@@ -144,3 +145,4 @@ def test_samples_and_the_final_adapter_reach_tensorboard_and_wandb_offline(tmp_p
     assert tables and json.loads(tables[0].read_text())["data"] == [[4, "Which | creature?", "the fox", "the fox"]]
     run_file = next((tmp_path / "wandb").rglob("run-*.wandb")).read_bytes()
     assert b"my-run-1-adapter" in run_file and b"adapter_model.safetensors" in run_file
+    assert b"my-run-1-model" in run_file and f"file://{final}".encode() in run_file
