@@ -31,6 +31,9 @@ REQUEST_FILE_ENV = "TRAINER_PREEMPT_FILE"
 # One look at the request file per rank and second at most: a stat per step would load a shared filesystem's
 # metadata server for nothing when steps are short and ranks many.
 REQUEST_FILE_POLL_S = 1.0
+# The ranks agree on why they stop as well as that they do (the max of each rank's code), so the log names the signal
+# whichever rank it reached first; a reason not listed (a request file's own words) counts as the first.
+AGREED_REASONS = ("preemption requested", "SIGINT", "SIGTERM", "SIGUSR1")
 
 
 class Preempted(Exception):
@@ -40,6 +43,7 @@ class Preempted(Exception):
 class PreemptionWatcher:
     def __init__(self, request_file: str | None = None, signals=PREEMPTION_SIGNALS):
         self.reason = ""  # the signal's name, or what the request file says (the signal the batch script got)
+        self.agreed_reason = ""  # why the ranks stop, agreed by all of them (set by should_stop)
         self._request_file = request_file if request_file is not None else os.environ.get(REQUEST_FILE_ENV, "")
         self._forward_to = ""  # a file this process writes on a request, for workers it started
         self._next_poll = 0.0
@@ -86,7 +90,11 @@ class PreemptionWatcher:
     def should_stop(self, strategy) -> bool:
         """True on every rank once any rank received a request (collective: call on all ranks each step)."""
         self._poll_request_file()
-        return strategy.all_reduce_max(1.0 if self.reason else 0.0) > 0
+        code = AGREED_REASONS.index(self.reason) + 1 if self.reason in AGREED_REASONS else int(bool(self.reason))
+        agreed = int(strategy.all_reduce_max(float(code)))
+        if agreed:
+            self.agreed_reason = AGREED_REASONS[agreed - 1] if agreed > 1 or not self.reason else self.reason
+        return agreed > 0
 
     def check(self, strategy) -> None:
         """Raise `Preempted` on every rank once any rank received a request (collective, like should_stop)."""
@@ -95,8 +103,8 @@ class PreemptionWatcher:
 
     @property
     def signal_name(self) -> str:
-        """Why this rank stops (SIGUSR1, SIGTERM); empty when only a peer rank was asked."""
-        return self.reason
+        """Why the ranks stop (SIGUSR1, SIGTERM, ...), the same on every rank once should_stop said so."""
+        return self.agreed_reason or self.reason
 
     def close(self) -> None:
         for sig, previous in self._previous.items():

@@ -116,6 +116,9 @@ class Recipe:
         # the MoE routers' outputs for the load-balancing loss are all switched off. Evaluation restores this mode.
         model.train()
         self.logger.info(str(parameter_report(self.strategy.unwrap(model))))
+        if self.strategy.compiled_layers:
+            self.logger.info(f"train.compile: {self.strategy.compiled_layers} decoder layers, compiled by their first "
+                             "step (and once more when the row length first changes)")
         self.freezing = build_freezing_schedule(self.strategy.unwrap(model), self.config.optim.freeze, self.logger.info)
         from trainer.moe import build_router_loss
 
@@ -243,13 +246,13 @@ class Recipe:
         try:
             return self.evaluate(step, check=lambda: self.preemption.check(self.strategy))
         except Preempted:
-            self.logger.info(f"{self.preemption.signal_name or 'a peer rank signalled'}: evaluation at step {step} "
+            self.logger.info(f"{self.preemption.signal_name}: evaluation at step {step} "
                              "stopped")
             return None
 
     def _stop_for_preemption(self, checkpoints, saved_step: int | None) -> str:
         step = self.state.step
-        self.logger.info(f"{self.preemption.signal_name or 'a peer rank signalled'}: stopping at step {step}")
+        self.logger.info(f"{self.preemption.signal_name}: stopping at step {step}")
         if saved_step != step:
             checkpoints.save(self)
         return "preempted"

@@ -148,6 +148,8 @@ def test_sigusr1_to_one_rank_checkpoints_both_exits_85_and_relaunch_matches(refe
     summary = read_summary(run_dir)
     stopped = summary["steps"]
     assert summary["status"] == "preempted" and 2 <= stopped < 8, summary
+    # Rank 0 prints the log; it names the signal that reached rank 1 (the ranks agree on the reason, too).
+    assert f"SIGUSR1: stopping at step {stopped}" in output, output[-3000:]
     checkpoint = run_dir / "checkpoints" / f"step-{stopped:06d}"
     assert (checkpoint / "COMMITTED").is_file()
     assert {p.name for p in checkpoint.glob("rng-rank*.json")} == {"rng-rank00000.json", "rng-rank00001.json"}
