@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from trainer.config.suggest import suggest_key, suggest_option
+from trainer.config.suggest import suggest_option, unknown_key_message
 from trainer.errors import ConfigError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -129,9 +129,7 @@ def hydra_error_to_config_error(err: Exception) -> ConfigError | None:
         key = first.split("'")[1] if "'" in first else "override"
         first = "unknown key; check the spelling, or see `trainer train --cfg job` for the keys that exist"
     if first.startswith("unknown key") and key:
-        close = suggest_key(str(key))
-        if close:
-            first = f"unknown key; did you mean {close}? (`trainer train --cfg job` lists the keys that exist)"
+        first = unknown_key_message(str(key))
     if in_file:
         first = f"{first} (in {in_file}.yaml)"
     return ConfigError(str(key or "config"), first)

@@ -54,7 +54,33 @@ def suggest_key(key: str) -> str | None:
         return None
     match = SYNONYMS.get(leaf) if SYNONYMS.get(leaf) in known else None
     match = match or next(iter(difflib.get_close_matches(leaf, sorted(known), n=1, cutoff=0.6)), None)
-    return ".".join([*parent, match]) if match else None
+    # The key itself exists, only under another option of its group (peft.dropout with peft=none): no spelling to
+    # suggest; options_with_key says where it belongs.
+    return ".".join([*parent, match]) if match and match != leaf else None
+
+
+def options_with_key(key: str) -> list[str]:
+    """For a key directly under a polymorphic group (`peft.dropout`), the group's options that have it."""
+    from trainer.config.schema import GROUP_OPTIONS
+
+    group, *rest = key.split(".")
+    if group not in GROUP_OPTIONS or len(rest) != 1:
+        return []
+    return [name for name, schema in GROUP_OPTIONS[group].items() if rest[0] in _fields(schema)]
+
+
+def unknown_key_message(key: str) -> str:
+    """The one-line answer to an unknown KEY: its close spelling, or the options of its group that have it."""
+    close = suggest_key(key)
+    if close:
+        return f"unknown key; did you mean {close}? (`trainer train --cfg job` lists the keys that exist)"
+    options = options_with_key(key)
+    if options:
+        group = key.split(".")[0]
+        return (f"not a key of the chosen {group} option; {group}={', '.join(options)} "
+                f"{'has' if len(options) == 1 else 'have'} it: choose one of those ({group}={options[0]} {key}=...) "
+                "or leave the key out")
+    return "unknown key; check the spelling, or see `trainer train --cfg job` for the keys that exist"
 
 
 def suggest_option(name: str, options: list[str]) -> str | None:

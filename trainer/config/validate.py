@@ -84,7 +84,7 @@ def _refuse_unknown_keys(node: Any, typed: Any, key: str, section: str) -> None:
     from omegaconf import DictConfig
 
     from trainer.config.frozen import is_secret_key
-    from trainer.config.suggest import suggest_key
+    from trainer.config.suggest import unknown_key_message
 
     if not dataclasses.is_dataclass(typed) or not isinstance(node, DictConfig):
         return
@@ -95,10 +95,11 @@ def _refuse_unknown_keys(node: Any, typed: Any, key: str, section: str) -> None:
             raise ConfigError(dotted, "credentials are not config keys (the command line is recorded in shell history, "
                               "process lists and W&B): set them in the environment, e.g. WANDB_API_KEY or HF_TOKEN")
         if name not in fields:
-            close = suggest_key(f"{section}.{dotted}")
-            hint = f"did you mean {close}? " if close else ""
-            raise ConfigError(dotted, f"unknown key; {hint}(`trainer train --cfg job` lists the keys that exist)")
+            raise ConfigError(dotted, unknown_key_message(f"{section}.{dotted}"))
         _refuse_unknown_keys(node[name], getattr(typed, name), dotted, section)
+
+
+COMPILE_STRATEGIES = ("single", "ddp", "fsdp")
 
 
 def check_cross_group(config: Config) -> None:
@@ -136,9 +137,16 @@ def check_cross_group(config: Config) -> None:
     if config.model.attn_implementation == "sdpa" and sdpa_refusal(config.model):
         raise ConfigError("model.attn_implementation", f"sdpa cannot apply {sdpa_refusal(config.model)}: use eager "
                           "(or flash_attention_2 on a GPU)")
+    from trainer.kernels import check_available
+
+    check_available(config.model.kernels)
     if config.strategy.name == "fsdp" and config.train.precision == "fp16":
         raise ConfigError("train.precision", "fp16 is not supported with strategy=fsdp (no loss scaling there): "
                           "use bf16, or a DeepSpeed strategy for fp16")
+    if config.train.compile and config.strategy.name not in COMPILE_STRATEGIES:
+        raise ConfigError("train.compile", f"is supported with strategy={', '.join(COMPILE_STRATEGIES)}, not "
+                          f"{config.strategy.name} (DeepSpeed's own hooks wrap every module): set train.compile=false "
+                          "or choose one of those")
     micro, global_batch = config.train.micro_batch_size, config.train.global_batch_size
     world = getattr(config.launcher, "world_size", 1)
     if config.strategy.name == "single" and world > 1:
