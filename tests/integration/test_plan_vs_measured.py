@@ -30,6 +30,8 @@ Figures (torch 2.13 CPU, 2-core machine; predicted / measured MB, deviation of t
             tensors the planner leaves to its margin), direct QLoRA (peft recipe) 171.6/173.2, replica-128k LoRA
             431.7/432.3, unchunked 825.7/823.2, QLoRA 431.6/432.2; zero3/full 153.5/162.8 (-5.7%: ZeRO-3 runs the
             loss unchunked, lm_head being partitioned between the forward and the chunks' recomputation)
+    since only labelled positions reach lm_head (docs/performance.md), the replica cases train on their prompts too
+            (data.train_on_inputs=true), so that a micro batch has at least one chunk of label tokens
 What the planner leaves out here: the packed rows' attention mask, which SDPA converts to a bf16 bias in every
 layer and keeps for backward (b*s*s*2 bytes per layer: 4.1 MB); under ZeRO-3, parameters below
 stage3_param_persistence_threshold kept whole on every rank (1.6 MB: the tiny model's attention weights) and a
@@ -100,7 +102,10 @@ def micro_batch_of(name: str) -> int:
 def overrides_of(name: str, replica: Path | None = None) -> tuple[str, ...]:
     ranks, overrides = CASES[name]
     micro_batch = micro_batch_of(name)
-    model = (f"model.path={replica}",) if name.startswith("replica") else ()
+    # Every position labelled (prompts trained on too): the plan's one-chunk logits term is an upper bound, reached
+    # when a micro batch has at least objective.chunk_tokens label tokens; with the prompts masked out, the replica's
+    # 2 x 256 packed tokens of demo data have fewer, and only those positions reach lm_head.
+    model = (f"model.path={replica}", "data.train_on_inputs=true") if name.startswith("replica") else ()
     global_batch = micro_batch * ranks  # one micro batch per rank and step
     return (*overrides, *model, *COMMON, f"train.micro_batch_size={micro_batch}", f"launcher.nproc_per_node={ranks}",
             f"train.global_batch_size={global_batch}")

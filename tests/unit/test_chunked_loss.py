@@ -105,6 +105,28 @@ def test_every_label_masked_gives_zero_with_gradients_connected():
     assert model.lm_head.weight.grad is not None
 
 
+@pytest.mark.parametrize("chunk_tokens", [7, 4096])
+def test_lm_head_projects_only_the_positions_that_predict_a_label(chunk_tokens):
+    """Prompts, the documents' first tokens and the rows' last positions never reach lm_head; with one chunk (4096)
+    its logits are not recomputed in backward, and both ways the loss and gradients are the unchunked ones."""
+    model = tiny_model("llama-3.1")
+    inputs, labels = packed_batch(model.config.vocab_size)
+    rows_seen = []
+    # (the model's own forward calls lm_head on no position at all: logits_to_keep is empty)
+    model.lm_head.register_forward_hook(lambda module, args, output: rows_seen.append(args[0].shape[0])
+                                        if args[0].dim() == 2 else None)
+    predicting = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    objective = SFTObjective(model, chunk_tokens, log=lambda message: None)
+    objective.loss_sum(model, inputs, labels).backward()
+    chunks = -(-predicting // chunk_tokens)
+    # the forward's chunks, and in backward each chunk's recomputation when there is more than one
+    expected = [min(chunk_tokens, predicting - i * chunk_tokens) for i in range(chunks)]
+    assert sorted(rows_seen) == sorted(expected * 2 if chunks > 1 else expected)
+    assert predicting < labels.numel() - 10  # the batch does have positions to skip
+    model.zero_grad(set_to_none=True)
+    assert_same_as_unchunked(model, chunk_tokens)
+
+
 @pytest.mark.parametrize("modules_to_save,target_modules", [
     (None, ["q_proj", "v_proj"]),  # lm_head frozen: gradients of the adapters only
     (["lm_head"], ["q_proj", "v_proj"]),  # lm_head trained whole (ModulesToSaveWrapper)

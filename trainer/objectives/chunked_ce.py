@@ -7,6 +7,12 @@ largest tensors of a fine-tuning step (12-14 bytes per logit: 6-7 GiB for 4096 t
 non-reentrant activation checkpointing: the forward keeps only the chunk's scalar loss, and backward recomputes
 one chunk's logits at a time. The terms and their sum are the unchunked loss's (up to the order of fp32 additions).
 
+Only positions that predict a label token reach lm_head (`labelled_positions`): prompts, padding and the last
+position of each sample add nothing to the loss, so projecting them onto the vocabulary is wasted work -- most of
+lm_head's share of a step in instruction tuning, where prompts are masked out. When what is left fits one chunk,
+its logits are not recomputed in backward: the forward's copy lives only until the start of backward, when the last
+layer's activations are alive anyway, which is also when a recomputed chunk would exist.
+
 lm_head is called as the module the model calls, never through its weight, so whatever wraps it keeps working:
 PEFT adapters or modules_to_save on lm_head, tied embeddings, DeepSpeed ZeRO-3's parameter-gathering hooks.
 """
@@ -37,6 +43,16 @@ def next_token_labels(labels):
     return torch.cat([labels[:, 1:], ignored], dim=1)
 
 
+def labelled_positions(hidden, labels):
+    """(the hidden states of the positions that predict a label token, those labels), flattened: (n, h), (n,).
+
+    Exact: the other positions' terms are zero. Never empty of graph: with no label token it is (0, h), on which
+    lm_head still runs, so every parameter takes part in backward as data-parallel wrappers expect."""
+    flat_labels = next_token_labels(labels).reshape(-1)
+    keep = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
+    return hidden.reshape(-1, hidden.size(-1)).index_select(0, keep), flat_labels.index_select(0, keep)
+
+
 def _chunk_loss_sum(hidden, labels, lm_head, softcap):
     import torch
     import torch.nn.functional as F
@@ -55,13 +71,12 @@ def chunked_cross_entropy_sum(hidden, labels, lm_head, chunk_tokens: int, softca
     import torch
     from torch.utils.checkpoint import checkpoint
 
-    flat_hidden = hidden.reshape(-1, hidden.size(-1))
-    flat_labels = next_token_labels(labels).reshape(-1)
-    # One split node: backward concatenates the chunks' hidden-state gradients once (b*s*h values, not b*s*V).
-    pieces = zip(flat_hidden.split(chunk_tokens), flat_labels.split(chunk_tokens))
+    flat_hidden, flat_labels = labelled_positions(hidden, labels)
+    # One split node: backward concatenates the chunks' hidden-state gradients once (n*h values, not n*V).
+    pieces = list(zip(flat_hidden.split(chunk_tokens), flat_labels.split(chunk_tokens)))
     total = None
     for hidden_chunk, label_chunk in pieces:
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and len(pieces) > 1:
             # preserve_rng_state (the default) replays dropout identically if lm_head carries a LoRA adapter.
             part = checkpoint(_chunk_loss_sum, hidden_chunk, label_chunk, lm_head, softcap, use_reentrant=False)
         else:

@@ -13,7 +13,7 @@ import contextlib
 import inspect
 
 from trainer.objectives import CHUNKABLE_MODEL_TYPES
-from trainer.objectives.chunked_ce import chunked_cross_entropy_sum, next_token_labels, token_loss_sum
+from trainer.objectives.chunked_ce import chunked_cross_entropy_sum, labelled_positions, token_loss_sum
 
 
 class SFTObjective:
@@ -69,8 +69,7 @@ class SFTObjective:
             hidden = self.final_hidden_states(model, inputs)
             if self.fused is not None:
                 weight = self.base.get_output_embeddings().weight
-                return self.fused(weight.to(hidden.dtype), hidden.reshape(-1, hidden.size(-1)),
-                                  next_token_labels(labels).reshape(-1)).float()
+                return self.fused(weight.to(hidden.dtype), *labelled_positions(hidden, labels)).float()
             return chunked_cross_entropy_sum(hidden, labels, self.base.get_output_embeddings(), self.chunk_tokens,
                                              self.softcap)
 
@@ -93,8 +92,8 @@ class SFTObjective:
             sums = []
             for r, s, e in spans:
                 if self.fused is not None:
-                    sums.append(self.fused(head.weight.to(hidden.dtype), hidden[r, s:e],
-                                           next_token_labels(labels[r:r + 1, s:e]).reshape(-1)).float())
+                    sums.append(self.fused(head.weight.to(hidden.dtype),
+                                           *labelled_positions(hidden[r:r + 1, s:e], labels[r:r + 1, s:e])).float())
                 else:
                     sums.append(chunked_cross_entropy_sum(hidden[r:r + 1, s:e], labels[r:r + 1, s:e], head,
                                                           self.chunk_tokens, self.softcap))
