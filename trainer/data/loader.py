@@ -111,10 +111,15 @@ class Batch:
     spans: object = None
 
     def to(self, device) -> "Batch":
-        def moved(tensor):
-            return None if tensor is None else tensor.to(device)
+        # To a GPU from page-locked memory, asynchronously: the host goes on queueing the step's kernels meanwhile.
+        on_gpu = getattr(device, "type", str(device).split(":")[0]) == "cuda"
 
-        return Batch({k: v.to(device) for k, v in self.inputs.items()}, self.labels.to(device), self.num_tokens,
+        def moved(tensor):
+            if tensor is None:
+                return None
+            return tensor.pin_memory().to(device, non_blocking=True) if on_gpu else tensor.to(device)
+
+        return Batch({k: moved(v) for k, v in self.inputs.items()}, moved(self.labels), self.num_tokens,
                      moved(self.token_mask), moved(self.desirable), self.spans)
 
 
