@@ -161,18 +161,21 @@ def build_model(model_cfg: ModelConfig, peft_cfg, precision: str, on_meta: bool 
 
     from trainer.adapters import apply_peft
     from trainer.freezing import apply_static_freezing
+    from trainer.kernels import apply_kernels
 
     quantization = quantization_config(peft_cfg, precision)
     if quantization is not None:
         model = load_quantized_model(model_cfg, quantization, quantization.bnb_4bit_compute_dtype)
-        model = apply_peft(freeze_quantized_base(model), peft_cfg)
+        model = apply_peft(freeze_quantized_base(apply_kernels(model, model_cfg.kernels)), peft_cfg)
         if all_in_compute_dtype:
             _cast_float_params(model, torch_dtype(precision), only_trainable=False)
     elif all_in_compute_dtype:
-        model = apply_peft(load_model(model_cfg, torch_dtype(precision), on_meta=on_meta), peft_cfg)
+        model = apply_peft(apply_kernels(load_model(model_cfg, torch_dtype(precision), on_meta=on_meta),
+                                         model_cfg.kernels), peft_cfg)
     else:
         frozen_dtype = torch_dtype(precision) if peft_cfg.name != "none" and precision == "bf16" else torch.float32
-        model = apply_peft(load_model(model_cfg, frozen_dtype, on_meta=on_meta), peft_cfg)
+        model = apply_peft(apply_kernels(load_model(model_cfg, frozen_dtype, on_meta=on_meta), model_cfg.kernels),
+                           peft_cfg)
     if not all_in_compute_dtype:
         _cast_float_params(model, torch.float32, only_trainable=True)
     apply_static_freezing(model, freeze)

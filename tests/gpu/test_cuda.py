@@ -1,5 +1,6 @@
-"""What only a CUDA machine can show: bf16 training on the GPU, NCCL ranks, flash attention on packed rows, and the
-planner against `torch.cuda.max_memory_allocated` for a ~1B model. Skipped without a GPU (`pytest -m gpu` on one).
+"""What only a CUDA machine can show: bf16 training on the GPU, NCCL ranks, flash attention on packed rows, Liger's
+kernels and compiled layers against the plain path, and the planner against `torch.cuda.max_memory_allocated` for a
+~1B model. Skipped without a GPU (`pytest -m gpu` on one).
 
 Each test runs the real CLI, as the CPU tests do; only the device differs. Run them, and `make bench`, on a lent
 GPU and quote the card with the figures (tests print theirs with `-s`).
@@ -91,6 +92,21 @@ def test_flash_attention_on_packed_rows_matches_sdpa(tmp_path):
     # Packed rows: sdpa masks each sample off with a block-diagonal mask, flash attention with varlen boundaries.
     for step, loss in runs["flash_attention_2"].items():
         assert loss == pytest.approx(runs["sdpa"][step], rel=2e-2), f"step {step}"
+
+
+@pytest.mark.parametrize("option", ["model.kernels=liger", "train.compile=true"])
+def test_speed_options_train_to_the_plain_losses_on_a_gpu(option, tmp_path):
+    """Liger's RMSNorm/RoPE/SwiGLU kernels and compiled decoder layers against the plain eager path, bf16."""
+    if "liger" in option:
+        pytest.importorskip("liger_kernel", reason="liger-kernel is not installed (pip install -e '.[kernels]')")
+    common = (*QUIET, "train.precision=bf16", "train.max_steps=4", "optim.lr=2e-4", "peft=none")
+    runs = {}
+    for name, extra in (("plain", ()), ("option", (option,))):
+        result = run_cli("train", f"run.dir={tmp_path / name}", *common, *extra, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = train_losses(tmp_path / name)
+    for step, loss in runs["option"].items():  # bf16: equal to bf16 rounding
+        assert loss == pytest.approx(runs["plain"][step], rel=2e-2), f"step {step}"
 
 
 @pytest.mark.parametrize("peft", ["lora", "qlora"])

@@ -3,6 +3,8 @@ what to do, exit 2, through the real CLI, before a run dir exists. About 1 minut
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 from tests.conftest import assert_one_line_error, run_cli
@@ -15,13 +17,19 @@ CASES = {
     "absurd max_steps": ("train.max_steps=100000000000", ["train.max_steps", "more than 1,000,000,000"]),
     "absurd max_seq_len": ("data.max_seq_len=100000000", ["data.max_seq_len", "more than 16,777,216"]),
     "negative keep_last": ("checkpoint.keep_last=-1", ["checkpoint.keep_last", "0 keeps all"]),
+    "another PEFT method's key": ("peft=none peft.dropout=0", ["peft.dropout", "peft=lora, dora, qlora have it"]),
+    "compile under DeepSpeed": ("strategy=zero2 launcher.nproc_per_node=2 train.compile=true",
+                                ["train.compile", "strategy=single, ddp, fsdp, not zero2"]),
+    "Liger kernels without the package": ("model.kernels=liger", ["model.kernels", "pip install -e '.[kernels]'"]),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_refused_in_one_line(case, tmp_path):
     override, fragments = CASES[case]
-    result = run_cli("train", f"run.dir={tmp_path / 'run'}", override)
+    if "liger" in override and importlib.util.find_spec("liger_kernel"):
+        pytest.skip("liger-kernel is installed here (a GPU machine): tests/gpu/ runs it")
+    result = run_cli("train", f"run.dir={tmp_path / 'run'}", *override.split())
     assert_one_line_error(result, *fragments)
     assert "disables" not in result.stderr  # keep_last's message once said "0 keeps all; 0 disables"
     assert not (tmp_path / "run").exists()

@@ -93,10 +93,12 @@ class ModelConfig:
     # auto (sdpa; eager for Gemma 2, whose logit soft-capping sdpa cannot apply) | sdpa | eager | flash_attention_2
     attn_implementation: str = "auto"
     trust_remote_code: bool = False  # run code shipped with the checkpoint; off unless you trust its source
+    kernels: str = "none"  # none | liger: Liger's fused RMSNorm, RoPE and SwiGLU kernels (CUDA; trainer/kernels.py)
 
     def __post_init__(self) -> None:
         one_of(self.init, MODEL_INITS, "init")
         one_of(self.attn_implementation, ATTN_IMPLEMENTATIONS, "attn_implementation")
+        one_of(self.kernels, ("none", "liger"), "kernels")
         require(self.path is not None or (self.init == "random" and bool(self.arch)), "path",
                  "is required (a local model dir), unless model.init=random with model.arch given")
 
@@ -346,6 +348,9 @@ class TrainConfig:
     precision: str = "auto"
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     deterministic: bool = False  # deterministic kernels (slower; bit-exact reruns)
+    # torch.compile each decoder layer (inductor): faster steps once compiled, after a compile of tens of seconds at
+    # the start (and one more when row lengths first vary); single, ddp and fsdp (trainer/strategy/compile.py)
+    compile: bool = False
     nonfinite: str = "stop"  # a non-finite loss or grad norm: stop (exit 3, last checkpoint kept) | skip the step
 
     def __post_init__(self) -> None:

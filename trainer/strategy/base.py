@@ -32,6 +32,7 @@ class StrategyBase:
         self.world_size = self.dist_env.world_size
         self.device = init_process_group(self.dist_env, getattr(cfg, "timeout_s", 1800))
         self.precision = train_cfg.precision
+        self.compiled_layers = 0  # train.compile: how many decoder layers compile_if_asked compiled
 
     @property
     def is_main(self) -> bool:
@@ -45,6 +46,13 @@ class StrategyBase:
 
     def autocast(self):
         return autocast_context(self.device, self.precision)
+
+    def compile_if_asked(self, model) -> None:
+        """train.compile: compile the decoder layers in place (trainer/strategy/compile.py)."""
+        if getattr(self.train_cfg, "compile", False):
+            from trainer.strategy.compile import compile_decoder_layers
+
+            self.compiled_layers = compile_decoder_layers(model)
 
     def microbatch(self, model, is_last: bool):
         return contextlib.nullcontext()

@@ -20,6 +20,7 @@ class DDPStrategy(StrategyBase):
         if self.train_cfg.gradient_checkpointing:
             apply_activation_checkpointing(model)
         model.to(self.device)
+        self.compile_if_asked(model)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         wrapped = DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=self.cfg.bucket_cap_mb,
                                           find_unused_parameters=self.cfg.find_unused_parameters,

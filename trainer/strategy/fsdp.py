@@ -50,6 +50,7 @@ class FSDPStrategy(StrategyBase):
         model.set_reshard_after_forward(False, recurse=False)
         self._materialize(model, full_state, buffers)
         del full_state
+        self.compile_if_asked(model)  # after sharding: FSDP2's hooks stay outside the compiled layers
         return model, build_optimizer(model)
 
     def _materialize(self, model, full_state: dict, buffers: dict) -> None:

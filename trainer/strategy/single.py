@@ -25,6 +25,7 @@ class SingleDeviceStrategy(StrategyBase):
         if self.train_cfg.gradient_checkpointing:
             apply_activation_checkpointing(model)
         model.to(self.device)
+        self.compile_if_asked(model)
         return model, build_optimizer(model)
 
     def backward(self, loss) -> None:
