@@ -1,5 +1,6 @@
-"""Every benchmark, one after another (`make bench`): strategies, packing, checkpoint I/O, memory. Each compares against
-its own baseline inside its own run; run them on a quiet machine and quote the card or CPU with the figures."""
+"""Every benchmark, one after another (`make bench`): against HF Trainer, strategies, packing, checkpoint I/O,
+memory. Each compares against its own baseline inside its own run; run them on a quiet machine and quote the card
+or CPU with the figures."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("strategies.py", "packing.py", "checkpoint_io.py", "memory.py")
+BENCHMARKS = ("vs_hf.py", "strategies.py", "packing.py", "checkpoint_io.py", "memory.py")
 
 
 def main() -> int:
