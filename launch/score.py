@@ -1,10 +1,11 @@
-"""`trainer eval SOURCE --data FILE [--adapter NAME=PATH ...] [--base-too]`: a model, an adapter or a run scored on
-a data file, side by side.
+"""`trainer eval SOURCE --data FILE | --split val|test [--adapter NAME=PATH ...] [--base-too]`: a model, an adapter
+or a run scored on a data file, or on a run's own held-out split, side by side.
 
 The targets load as `trainer generate` loads them (launch/generate.py): one base model, each adapter attached under
 its name and made active in turn, so a base and its fine-tunes are compared on one copy of the weights. The data
 file is read by the project's own parsers (any supported format; bad records are one line naming file and line) and
-rendered with the run's template, as training rendered it. For each target:
+rendered with the run's template, as training rendered it. `--split` takes the records the run held out instead
+(trainer/data/pipeline.py held_out_examples: the run's files, de-duplication and seeded split). For each target:
 
 * loss and perplexity over the answers' tokens (teacher forcing; the loss training logs as eval_loss);
 * greedy answers to the prompts against the references: exact match and token F1 (as in-run evaluation), BLEU
@@ -31,10 +32,12 @@ DESCRIPTION = """\
 SOURCE is a model dir or a run dir (its final/: the trained model, or an adapter attached to its base under the
 run dir's name); each --adapter NAME=PATH (an adapter dir or run dir) is scored too, and --base-too adds the base
 alone. --data is any file `trainer train` reads (alpaca, chat, sharegpt, completion, ... with --format, else
-detected); its records are rendered with the run's template (or --template) and their last answers are the
-references.
+detected); or --split val|test takes the records a run dir's training held out (its data.val_ratio/test_ratio
+split, or its val/test file). The records are rendered with the run's template (or --template) and their last
+answers are the references.
 
 e.g. trainer eval runs/facts-lora --data facts-val.jsonl --base-too --json scores.json
+     trainer eval runs/facts-lora --split test --base-too
 """
 LATENCY_PROMPTS = 5
 
@@ -46,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="trainer eval", description=DESCRIPTION,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="a model dir or a run dir")
-    parser.add_argument("--data", required=True, help="a data file in any supported format")
+    parser.add_argument("--data", help="a data file in any supported format")
+    parser.add_argument("--split", choices=("val", "test"),
+                        help="instead of --data: the run's own held-out split (SOURCE must be a run dir)")
     parser.add_argument("--format", default="auto", help="the data file's format (default: detected)")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                         help="also score an adapter (an adapter dir or run dir) under NAME; repeatable")
@@ -93,12 +98,36 @@ def read_examples(path: str, fmt: str, max_samples: int):
     except ConfigError as err:
         raise UserError(f"eval: --format: {err}") from None
     parsed = parse_sources(cfg)
-    examples = [example for source in parsed.examples for example in source]
+    examples = _scorable([example for source in parsed.examples for example in source], path)
+    return (examples[:max_samples] if max_samples else examples), parsed.formats
+
+
+def read_split(run_dir: str, split: str, max_samples: int):
+    """(examples, formats) of a run dir's held-out split, as its training held them out; one line when the run dir
+    has no config, its data files are gone, or the split is empty."""
+    from trainer.config.frozen import FROZEN_NAME, load_frozen
+    from trainer.data.pipeline import held_out_examples
+
+    if not os.path.isfile(os.path.join(run_dir, FROZEN_NAME)):
+        raise UserError(f"eval: --split needs a run dir ({run_dir!r} has no {FROZEN_NAME}): give --data FILE instead")
+    config = load_frozen(run_dir)
+    examples, formats = held_out_examples(config.data, config.seed, split)
+    where = f"{run_dir}'s {split} split"
+    if not examples:
+        ratio, path = getattr(config.data, f"{split}_ratio"), getattr(config.data, f"{split}_path")
+        raise UserError(f"eval: {where} is empty (data.{split}_ratio={ratio:g}, data.{split}_path={path}): train "
+                        f"with data.{split}_ratio > 0, or give --data FILE")
+    examples = _scorable(examples, where)
+    return (examples[:max_samples] if max_samples else examples), formats
+
+
+def _scorable(examples: list, where: str) -> list:
+    """The records with a prompt and an answer (the references); none is one line."""
     examples = [example for example in examples if example.messages or any(not trained for _, trained in example.raw)]
     if not examples:
-        raise UserError(f"eval: {path} has no record with a prompt and an answer to score (expected instruction, "
+        raise UserError(f"eval: {where} has no record with a prompt and an answer to score (expected instruction, "
                         "conversation or prompt/completion records; plain text has no reference answer)")
-    return (examples[:max_samples] if max_samples else examples), parsed.formats
+    return examples
 
 
 def render_samples(examples, template, tokenizer):
@@ -201,7 +230,14 @@ def main(argv: list[str]) -> int:
         raise UserError(f"eval: {args.source!r} is not a model dir or run dir")
     final_dir(args.source)  # an unfinished run or truncated weights: one line now, before any library loads
     adapters = parse_adapters(args.adapter)
-    examples, formats = read_examples(args.data, args.format, args.max_samples)
+    if bool(args.data) == bool(args.split):
+        raise UserError("eval: give --data FILE or --split val|test (one of them)")
+    if args.split:
+        examples, formats = read_split(args.source, args.split, args.max_samples)
+        data_label = f"{args.source} ({args.split} split)"
+    else:
+        examples, formats = read_examples(args.data, args.format, args.max_samples)
+        data_label = args.data
     model, tokenizer, names, run_config = load_models(args.source, adapters, args.trust_remote_code)
     if tokenizer.pad_token_id is None:  # batches are padded; the padding is masked out of every metric
         tokenizer.pad_token = tokenizer.eos_token
@@ -214,12 +250,13 @@ def main(argv: list[str]) -> int:
         template = choose_template(args.template, tokenizer, run_config)
     samples = render_samples(examples, template, tokenizer)
     if not samples:
-        raise UserError(f"eval: no record of {args.data} renders to a prompt and an answer with this template")
+        raise UserError(f"eval: no record of {data_label} renders to a prompt and an answer with this template")
     results = score_all(model, tokenizer, samples, names, args)
-    print(f"{len(samples)} samples from {args.data}; greedy answers of up to {args.max_new_tokens} tokens")
+    print(f"{len(samples)} samples from {data_label}; greedy answers of up to {args.max_new_tokens} tokens")
     print(render_table(results))
     if args.json_path:
-        report = {"data": os.path.abspath(args.data), "samples": len(samples), "max_new_tokens": args.max_new_tokens,
+        report = {"data": os.path.abspath(args.data) if args.data else None, "split": args.split,
+                  "samples": len(samples), "max_new_tokens": args.max_new_tokens,
                   "targets": {name: {"metrics": result["metrics"],
                                      "answers": [{"prompt": s.prompt, "reference": s.reference, "answer": a}
                                                  for s, a in zip(samples, result["answers"])]}

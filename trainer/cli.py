@@ -6,6 +6,7 @@ errors answer in about a second. User errors print one line and exit with code 2
 
 from __future__ import annotations
 
+import os
 import sys
 
 from trainer.errors import EXIT_USER_ERROR, UserError
@@ -36,9 +37,10 @@ commands:
                         for llama.cpp: a LoRA adapter (--lora FILE) or the (merged) model as one GGUF file
   generate SOURCE [PROMPT ...] [--adapter NAME=PATH ...] [--prompts FILE]
                         greedy answers from a model or run, switching between several adapters on one base
-  eval SOURCE --data FILE [--adapter NAME=PATH ...] [--base-too] [--json FILE]
-                        score a model, adapter or run (and others beside it) on a data file: loss, perplexity,
-                        exact match, token F1, BLEU, ROUGE-1/2/L, time to first token, decoding tokens/s
+  eval SOURCE --data FILE|--split val|test [--adapter NAME=PATH ...] [--base-too] [--json FILE]
+                        score a model, adapter or run (and others beside it) on a data file or the run's held-out
+                        split: loss, perplexity, exact match, token F1, BLEU, ROUGE-1/2/L, time to first token,
+                        decoding tokens/s
 
 Run `trainer <command> --help` for a command's options. Config groups and keys: README.md.
 """
@@ -110,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     try:
         return int(command(argv[1:]) or 0)
+    except BrokenPipeError:  # `trainer eval ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except UserError as err:
         sys.stderr.write(f"trainer: {err}\n")
         return EXIT_USER_ERROR

@@ -187,6 +187,14 @@ def _hold_out(parsed: Parsed, cfg: DataConfig, seed: int):
     return train, held["val"], held["test"], num_overlap
 
 
+def held_out_examples(cfg: DataConfig, seed: int, split: str) -> tuple[list[Example], list[str]]:
+    """(the records of a run's `val` or `test` split, the sources' formats): the same records training held out, from
+    the same files, de-duplication and seeded split (or its explicit val/test file)."""
+    parsed = parse_sources(cfg)
+    _, val, test, _ = _hold_out(parsed, cfg, seed)
+    return (val if split == "val" else test), parsed.formats
+
+
 def _encode_split(examples: list[Example], template, tokenizer, cfg: DataConfig):
     samples = [render_example(example, template, tokenizer.bos_token) for example in examples]
     table, kept, events, stats = encode_samples(samples, tokenizer, cfg.max_seq_len, cfg.train_on_inputs,

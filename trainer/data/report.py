@@ -82,8 +82,9 @@ class DataReport:
 
     def summary_line(self) -> str:
         """One line for the training log."""
-        line = (f"data: {self.num_train_samples:,} training samples ({self.num_val:,} validation) in {self.num_rows:,} "
-                f"rows of <= {self.max_seq_len} tokens")
+        held = f"{self.num_val:,} validation" + (f", {self.num_test:,} test" if self.num_test else "")
+        line = (f"data: {self.num_train_samples:,} training samples ({held}) in {self.num_rows:,} rows of <= "
+                f"{self.max_seq_len} tokens")
         if self.packing:
             line += f"; packing efficiency {100 * self.packing_efficiency:.1f}%"
         if self.pairs and (self.desirable or self.undesirable):
