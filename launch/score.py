@@ -138,31 +138,11 @@ def render_samples(examples, template, tokenizer):
     return [sample for sample in samples if sample.prompt and sample.reference]
 
 
-def text_metrics(answers: list[str], references: list[str]) -> dict:
-    """Exact match and token F1 (trainer/evaluate.py's, as in-run evaluation), BLEU and ROUGE F-measures (0-1)."""
-    import sacrebleu
-    from rouge_score import rouge_scorer
-
-    from trainer.evaluate import normalize_answer, token_f1
-
-    count = max(len(answers), 1)
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    rouge = {key: 0.0 for key in ("rouge1", "rouge2", "rougeL")}
-    for answer, reference in zip(answers, references, strict=True):
-        for key, score in scorer.score(reference, answer).items():
-            rouge[key] += score.fmeasure
-    return {
-        "exact_match": sum(normalize_answer(a) == normalize_answer(r) for a, r in zip(answers, references)) / count,
-        "token_f1": sum(token_f1(a, r) for a, r in zip(answers, references)) / count,
-        "bleu": sacrebleu.corpus_bleu(answers, [references]).score / 100,
-        **{key: value / count for key, value in rouge.items()},
-    }
-
-
 def score_target(model, tokenizer, samples, args, device) -> dict:
     """Every metric for the model as it is now (the active adapter, or none)."""
     from trainer.data.encode import encode_samples
     from trainer.evaluate import evaluate_loss, greedy_generate
+    from trainer.text_metrics import score_answers
 
     strategy = _OneProcess(device)
     table, _, _, _ = encode_samples(samples, tokenizer, args.max_seq_len, train_on_inputs=False)
@@ -175,7 +155,7 @@ def score_target(model, tokenizer, samples, args, device) -> dict:
         answers += greedy_generate(model, tokenizer, prompts[start:start + args.batch_size], args.max_new_tokens,
                                    device, strategy.autocast)
     decoding = time.perf_counter() - started
-    metrics.update(text_metrics(answers, [sample.reference for sample in samples]))
+    metrics.update(score_answers(answers, [sample.reference for sample in samples]))
     first_token = []
     for prompt in prompts[:LATENCY_PROMPTS]:
         started = time.perf_counter()

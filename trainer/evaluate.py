@@ -158,13 +158,17 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, d
 
 
 def generation_metrics(model, tokenizer, samples: list[Sample], strategy, max_new_tokens: int,
-                       batch_size: int = 16, check=None) -> tuple[dict, list[dict]]:
-    """Exact match and token F1 of greedy answers against the references; also returns a few examples."""
+                       batch_size: int = 16, check=None,
+                       metrics=("exact_match", "token_f1")) -> tuple[dict, list[dict]]:
+    """`metrics` (trainer/text_metrics.py) of greedy answers against the references; also returns a few examples.
+    Every rank answers its share; the answers are gathered so that corpus statistics (BLEU) see them all."""
+    from trainer.text_metrics import score_answers
+
     if not samples:
         return {}, []
     was_training = model.training
     model.eval()
-    exact, f1, count, examples = 0.0, 0.0, 0, []
+    pairs, examples = [], []
     try:
         for batch in _rank_share(samples, strategy.rank, strategy.world_size, batch_size):
             if check is not None:
@@ -172,12 +176,15 @@ def generation_metrics(model, tokenizer, samples: list[Sample], strategy, max_ne
             prompts = [s.prompt for s in batch] or [samples[0].prompt]
             answers = greedy_generate(model, tokenizer, prompts, max_new_tokens, strategy.device, strategy.autocast)
             for sample, answer in zip(batch, answers):
-                exact += float(normalize_answer(answer) == normalize_answer(sample.reference))
-                f1 += token_f1(answer, sample.reference)
-                count += 1
+                pairs.append((answer, sample.reference))
                 if len(examples) < 3:
                     examples.append({"prompt": sample.prompt, "reference": sample.reference, "answer": answer})
     finally:
         model.train(was_training)
-    exact, f1, count = (strategy.all_reduce_sum(x) for x in (exact, f1, count))
-    return {"exact_match": exact / max(count, 1), "token_f1": f1 / max(count, 1)}, examples
+    if strategy.world_size > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * strategy.world_size
+        dist.all_gather_object(gathered, pairs)
+        pairs = [pair for share in gathered for pair in share]
+    return score_answers([a for a, _ in pairs], [r for _, r in pairs], metrics), examples

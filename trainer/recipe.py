@@ -410,7 +410,7 @@ class Recipe:
         if cfg.eval.generate_samples and self.data.val_samples:
             samples = self.data.val_samples[:cfg.eval.generate_samples]
             generated, examples = generation_metrics(self.model, self.tokenizer, samples, self.strategy,
-                                                     cfg.eval.max_new_tokens, check=check)
+                                                     cfg.eval.max_new_tokens, check=check, metrics=cfg.eval.metrics)
             metrics.update(generated)
             self.logger.log_samples(step, examples)
             if examples:

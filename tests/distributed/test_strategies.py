@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, read_summary, run_cli, train_losses, worker_pids
+from tests.conftest import REPO, read_metrics, read_summary, run_cli, train_losses, worker_pids
 
 pytestmark = pytest.mark.distributed
 
@@ -147,3 +147,19 @@ def test_max_restarts_lets_torchrun_restart_a_killed_worker(tmp_path):
     assert "failed (exitcode: -9)" in output  # torchrun saw the kill, and restarted the workers
     assert "resumed from" in output  # the restarted workers continued from the last committed checkpoint
     assert read_summary(run_dir)["status"] == "completed"
+
+
+def test_generation_metrics_over_two_fsdp_ranks_equal_one_process(tmp_path):
+    """In-run BLEU/ROUGE (eval.metrics): each rank answers its share of the prompts and the answers are gathered, so
+    the corpus BLEU of a sharded model's evaluation is the one-process figure. Compared before training, where the
+    weights are the same by construction."""
+    common = ("train.max_steps=1", "eval.generate_samples=12", "eval.max_new_tokens=6",
+              "eval.metrics=[exact_match,token_f1,bleu,rouge1,rouge2,rougeL]")
+    evals = {}
+    for name, extra in (("single", ("strategy=single",)), ("fsdp", ("strategy=fsdp",))):
+        _train(tmp_path / name, *common, *extra, ranks=1 if name == "single" else 2)
+        records = [r for r in read_metrics(tmp_path / name) if r["step"] == 0 and "eval_bleu" in r]
+        evals[name] = records[0]
+    for key in ("eval_exact_match", "eval_token_f1", "eval_bleu", "eval_rouge1", "eval_rouge2", "eval_rougeL"):
+        assert evals["fsdp"][key] == pytest.approx(evals["single"][key], rel=1e-9), key
+    assert evals["single"]["eval_bleu"] > 0

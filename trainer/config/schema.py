@@ -27,6 +27,7 @@ from trainer.config.peft_schema import (  # the `peft` group's options
 from trainer.config.slurm_schema import SlurmLauncherConfig  # the `slurm` launcher option
 from trainer.errors import ConfigError
 from trainer.objectives import DEFAULT_CHUNK_TOKENS, FUSED_KERNELS, OBJECTIVES
+from trainer.text_metrics import GENERATION_METRICS
 
 # Upper bounds that only a slipped digit reaches: refused before anything is allocated rather than a run that plans
 # an LR schedule over 10^11 steps or a model asked for a context no model has.
@@ -403,6 +404,9 @@ class EvalConfig:
     early_stopping_min_delta: float = 0.0  # an improvement must lower eval loss by more than this
     generate_samples: int = 0  # greedy-generate answers for this many validation prompts and score them (0 disables)
     max_new_tokens: int = 32  # generation length for the generation metrics
+    # what the generated answers are scored with (trainer/text_metrics.py): exact_match, token_f1, bleu (sacrebleu),
+    # rouge1, rouge2, rougeL (rouge-score; both in the `eval` extra)
+    metrics: List[str] = field(default_factory=lambda: ["exact_match", "token_f1"])
     # Forgetting check (trainer/forgetting.py): data the fine-tune should leave alone, evaluated with every evaluation
     forgetting_path: Optional[str] = None  # a file/glob/dir in any data format; null disables the check
     forgetting_format: str = "text"  # its format (as data.format)
@@ -416,6 +420,8 @@ class EvalConfig:
         non_negative(self.early_stopping_min_delta, "early_stopping_min_delta", "a loss difference")
         non_negative(self.generate_samples, "generate_samples")
         require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        for name in self.metrics:
+            one_of(name, GENERATION_METRICS, "metrics")
         one_of(self.forgetting_format, DATA_FORMATS, "forgetting_format")
         non_negative(self.forgetting_max_samples, "forgetting_max_samples")
         non_negative(self.max_forgetting, "max_forgetting", "a fraction of the loss before training")

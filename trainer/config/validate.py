@@ -140,6 +140,12 @@ def check_cross_group(config: Config) -> None:
     from trainer.kernels import check_available
 
     check_available(config.model.kernels)
+    from trainer.text_metrics import missing_package
+
+    package = missing_package(config.eval.metrics)
+    if package:
+        raise ConfigError("eval.metrics", f"{', '.join(config.eval.metrics)} needs the {package} package, which is not "
+                          "installed: pip install -e '.[eval]' (or leave bleu/rouge out)")
     if config.strategy.name == "fsdp" and config.train.precision == "fp16":
         raise ConfigError("train.precision", "fp16 is not supported with strategy=fsdp (no loss scaling there): "
                           "use bf16, or a DeepSpeed strategy for fp16")
