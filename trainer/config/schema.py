@@ -26,6 +26,7 @@ from trainer.config.peft_schema import (  # the `peft` group's options
 )
 from trainer.config.slurm_schema import SlurmLauncherConfig  # the `slurm` launcher option
 from trainer.errors import ConfigError
+from trainer.kernels import KERNELS
 from trainer.objectives import DEFAULT_CHUNK_TOKENS, FUSED_KERNELS, OBJECTIVES
 from trainer.text_metrics import GENERATION_METRICS
 
@@ -99,7 +100,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         one_of(self.init, MODEL_INITS, "init")
         one_of(self.attn_implementation, ATTN_IMPLEMENTATIONS, "attn_implementation")
-        one_of(self.kernels, ("none", "liger"), "kernels")
+        one_of(self.kernels, KERNELS, "kernels")
         require(self.path is not None or (self.init == "random" and bool(self.arch)), "path",
                  "is required (a local model dir), unless model.init=random with model.arch given")
 
