@@ -121,6 +121,33 @@ def test_mixing_weights_repeat_or_subsample_each_source(tokenizer, tmp_path):
     assert other_seed.train.slots.tolist() != data.train.slots.tolist()
 
 
+@pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5])
+def test_replay_is_the_asked_share_of_every_epoch_and_never_held_out(tokenizer, tmp_path, ratio):
+    """data.replay: general text mixed into training at a ratio of the epoch's samples (its few records repeat),
+    neither split into validation/test nor counted against the training data's own split."""
+    from trainer.config.schema import ReplayConfig
+    from trainer.data import prepare_datasets
+
+    train = _write_jsonl(tmp_path / "train.jsonl", _alpaca_records(40))
+    general = tmp_path / "general.txt"
+    general.write_text("\n\n".join(f"General paragraph number {i} about rivers and hills." for i in range(6)))
+    cfg = _cfg(path=str(train), val_ratio=0.1, replay=ReplayConfig(path=str(general), ratio=ratio))
+    data = prepare_datasets(cfg, tokenizer, seed=3)
+    train_report, replay_report = data.report.sources
+    assert (train_report.role, replay_report.role, replay_report.samples) == ("train", "replay", 6)
+    origin = data.train_origin.sources[data.train.slots]
+    replayed = int((origin == 1).sum())
+    assert replayed == replay_report.uses
+    assert len(origin) == train_report.uses + replayed == data.report.num_train_samples
+    assert replayed / len(origin) == pytest.approx(ratio, abs=1 / len(origin))  # to one sample's rounding
+    assert train_report.uses == 36 and len(data.val) == 4  # the split is the training file's alone
+    assert all("General paragraph" not in s.prompt + s.reference for s in data.val_samples)
+    assert f"{replayed:,} of the samples" in data.report.summary_line()
+    texts = {tokenizer.decode(data.train.table.sample(int(i)).input_ids) for i in data.train.slots[origin == 1]}
+    # every record (repeated) when there are more uses than records, else a seeded subset without repeats
+    assert len(texts) == min(6, replayed) and all("General paragraph" in text for text in texts)
+
+
 @pytest.mark.parametrize("mode,removed", [("none", 0), ("exact", 1), ("normalized", 2)])
 def test_duplicates_are_counted_and_removed_as_asked(tokenizer, mode, removed):
     from trainer.data import prepare_datasets

@@ -136,6 +136,15 @@ class DataSourceConfig:
 
 
 @dataclass
+class ReplayConfig:
+    """General data mixed into every epoch so the fine-tune keeps what the model knew (a guard against forgetting)."""
+
+    path: Optional[str] = None  # a file, glob, directory or dataset in any data format; null: no replay
+    format: str = "text"  # its format (as data.format)
+    ratio: float = 0.1  # share of each epoch's training samples drawn from it (its records repeat if there are few)
+
+
+@dataclass
 class DataConfig:
     path: Optional[str] = None  # training data: a file (JSON, JSONL, CSV, Parquet, text), glob, directory or dataset
     sources: List[DataSourceConfig] = field(default_factory=list)  # several sources mixed by weight (instead of path)
@@ -159,6 +168,7 @@ class DataConfig:
     # text data: split documents longer than max_seq_len into windows of max_seq_len tokens (false: truncate them)
     text_chunking: bool = True
     cache: bool = True  # cache tokenised data under paths.cache_dir, keyed by a fingerprint of everything it depends on
+    replay: ReplayConfig = field(default_factory=ReplayConfig)  # general data replayed at a ratio (see ReplayConfig)
 
     def __post_init__(self) -> None:
         has_path = self.path is not None and self.path != ""
@@ -192,6 +202,9 @@ class DataConfig:
             _check_columns(source.columns, {source.format or self.format}, f"{key}.columns")
             formats.add(source.format or self.format)
         _check_columns(self.columns, formats, "columns")
+        one_of(self.replay.format, DATA_FORMATS, "replay.format")
+        require(0.0 < self.replay.ratio < 1.0, "replay.ratio", f"must be in (0, 1): the share of each epoch's "
+                f"samples that are replayed, got {self.replay.ratio}")
 
 
 def _check_columns(columns: Any, formats: set, key: str) -> None:

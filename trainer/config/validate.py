@@ -122,6 +122,13 @@ def check_cross_group(config: Config) -> None:
     if (config.data.path and not any(ch in config.data.path for ch in "*?[") and not os.path.exists(config.data.path)
             and not _looks_like_hub_id(config.data.path)):
         raise ConfigError("data.path", f"{config.data.path!r} does not exist")
+    replay = config.data.replay.path
+    if replay and not any(ch in replay for ch in "*?[") and not os.path.exists(replay):
+        raise ConfigError("data.replay.path", f"{replay!r} does not exist")
+    if replay and config.objective.name != "sft":
+        raise ConfigError("data.replay.path", f"replay mixes general data into supervised fine-tuning; "
+                          f"objective.name={config.objective.name} trains on preference data only: leave data.replay "
+                          "unset (or train with objective.name=sft)")
     if config.data.val_path and not os.path.exists(config.data.val_path):
         raise ConfigError("data.val_path", f"{config.data.val_path!r} does not exist")
     forgetting = config.eval.forgetting_path

@@ -161,7 +161,7 @@ def _hold_out(parsed: Parsed, cfg: DataConfig, seed: int):
     train: list[Example] = []
     held = {"val": [], "test": []}
     cursor = 0
-    explicit = {s.role: s.index for s in parsed.sources if s.role != "train"}
+    explicit = {s.role: s.index for s in parsed.sources if s.role in ("val", "test")}
     for i in train_ids:
         report, count = parsed.reports[i], len(parsed.examples[i])
         span = range(cursor, cursor + count)
@@ -179,6 +179,9 @@ def _hold_out(parsed: Parsed, cfg: DataConfig, seed: int):
         report.to_val, report.to_test = len(part_val), len(part_test)
     for role, index in explicit.items():
         held[role] = parsed.examples[index]
+    for source in parsed.sources:  # replayed general data is only ever trained on: never split, never de-duplicated
+        if source.role == "replay":
+            train += parsed.examples[source.index]
     train_keys = {exact_key(example) for example in train}
     overlap = {role: [exact_key(e) in train_keys for e in examples] for role, examples in held.items()}
     num_overlap = sum(sum(flags) for flags in overlap.values())
@@ -246,11 +249,16 @@ def build_content(parsed: Parsed, cfg: DataConfig, tokenizer, seed: int, pairs: 
                 report.dropped_no_labels = count
     slots: list[int] = []
     lengths, label_counts = table.lengths, table.label_counts
-    for source in parsed.sources:
-        if source.role != "train":
+    # Training sources first: the replay source's share is of the epoch they make up with it.
+    for source in sorted(parsed.sources, key=lambda s: s.role == "replay"):
+        if source.role not in ("train", "replay"):
             continue
         mine = np.flatnonzero(kept_source == source.index).tolist()
-        uses = apply_weight(mine, source.weight, seed, stream=source.index)
+        weight = source.weight
+        if source.role == "replay" and mine:  # weight holds data.replay.ratio: r of the epoch, so r/(1-r) per sample
+            weight = source.weight / (1 - source.weight) * len(slots) / len(mine)
+            parsed.reports[source.index].weight = weight
+        uses = apply_weight(mine, weight, seed, stream=source.index)
         slots += uses
         report = parsed.reports[source.index]
         report.samples, report.uses = len(mine), len(uses)

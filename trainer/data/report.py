@@ -17,7 +17,7 @@ TRAINED_OPEN, TRAINED_CLOSE = "[[", "]]"
 @dataclass
 class SourceReport:
     path: str
-    role: str  # train | val | test
+    role: str  # train | replay | val | test
     format: str
     weight: float = 1.0
     records: int = 0  # records read (after the source's max_samples cap)
@@ -87,6 +87,9 @@ class DataReport:
                 f"{self.max_seq_len} tokens")
         if self.packing:
             line += f"; packing efficiency {100 * self.packing_efficiency:.1f}%"
+        replayed = sum(s.uses for s in self.sources if s.role == "replay")
+        if replayed:
+            line += f"; {replayed:,} of the samples ({100 * replayed / max(self.num_train_samples, 1):.1f}%) replayed"
         if self.pairs and (self.desirable or self.undesirable):
             line = line.replace("training samples", f"KTO answers ({self.desirable:,} desirable, "
                                 f"{self.undesirable:,} undesirable)", 1)
@@ -153,8 +156,8 @@ def format_report(report: DataReport, padding_efficiency: float | None = None, m
         rows.append([_short(s.path), s.role, s.format, f"{s.records:,}", f"{s.num_skipped:,}",
                      f"{s.duplicates_exact + s.duplicates_normalized:,}", f"{s.duplicates_removed:,}",
                      f"{s.to_val + s.to_test:,}", f"{s.truncated:,}", f"{s.dropped_too_long + s.dropped_no_labels:,}",
-                     f"{s.samples:,}", f"{s.weight:g}" if s.role == "train" else "-",
-                     f"{s.uses:,}" if s.role == "train" else "-"])
+                     f"{s.samples:,}", f"{s.weight:.3g}" if s.role in ("train", "replay") else "-",
+                     f"{s.uses:,}" if s.role in ("train", "replay") else "-"])
     lines += _table(header, rows)
     notes = _source_notes(report)
     if notes:

@@ -26,7 +26,7 @@ class Source:
     """One configured source, with its options already defaulted from the top level of `data`."""
 
     index: int
-    role: str  # train | val | test
+    role: str  # train | replay | val | test
     path: str  # as the user wrote it
     format: str
     weight: float
@@ -51,7 +51,7 @@ def _columns(*layers) -> tuple[tuple[str, str], ...]:
 
 
 def configured_sources(cfg: DataConfig) -> list[Source]:
-    """Training sources first (in order), then the explicit validation and test files, if any."""
+    """Training sources first (in order), then the replay source, then the explicit validation and test files."""
     sources: list[Source] = []
     if cfg.sources:
         for spec in cfg.sources:
@@ -61,6 +61,9 @@ def configured_sources(cfg: DataConfig) -> list[Source]:
     else:
         sources.append(Source(0, "train", os.path.normpath(cfg.path), cfg.format, 1.0, cfg.max_samples, None,
                               _columns(cfg.columns)))
+    if cfg.replay.path:  # its weight is the ratio here; trainer/data/pipeline.py turns it into uses per epoch
+        sources.append(Source(len(sources), "replay", os.path.normpath(cfg.replay.path), cfg.replay.format,
+                              float(cfg.replay.ratio), 0, None, ()))
     for role, path in (("val", cfg.val_path), ("test", cfg.test_path)):
         if path:
             sources.append(Source(len(sources), role, os.path.normpath(path), cfg.format, 1.0, 0, None,

@@ -19,6 +19,7 @@ from trainer.demo.world import finetuning_splits, make_world, pretraining_corpus
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 GENERAL_TEXT_SEED = 7  # not the pre-training corpus's seed (1): the same facts in paragraphs it was not trained on
+REPLAY_TEXT_SEED = 11  # replay data (data.replay): other fresh paragraphs, so that replay never trains on the check
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
 # A ChatML template so the tokenizer carries its own chat format, as real instruction models do.
 CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -58,6 +59,12 @@ def train_tokenizer(texts: list[str], out_dir: Path) -> None:
         assert wrapped.convert_tokens_to_ids(name) == SPECIAL_TOKENS.index(name)
 
 
+def write_replay_text() -> None:
+    """demo-facts/replay.txt: general text for `data.replay` in the pre-training style, disjoint from general.txt."""
+    replay = pretraining_corpus(make_world(), paragraphs_per_creature=1, seed=REPLAY_TEXT_SEED)
+    (ASSETS / "demo-facts" / "replay.txt").write_text("\n\n".join(replay) + "\n")
+
+
 def prepare(out_dir: Path) -> None:
     world = make_world()
     corpus = pretraining_corpus(world)
@@ -69,6 +76,7 @@ def prepare(out_dir: Path) -> None:
     # The demo's forgetting check: fresh paragraphs in the pre-training style, which fine-tuning should not unlearn.
     general = pretraining_corpus(world, paragraphs_per_creature=1, seed=GENERAL_TEXT_SEED)
     (ASSETS / "demo-facts" / "general.txt").write_text("\n\n".join(general) + "\n")
+    write_replay_text()
     template = get_template("alpaca")
     prompts = [template.render_prompt(r["instruction"]) + r["output"] for r in train + val]
     init_dir = out_dir / "model-init"
