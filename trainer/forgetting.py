@@ -18,13 +18,14 @@ def build_forgetting_rows(config, tokenizer) -> list:
     eval_cfg = config.eval
     if not eval_cfg.forgetting_path:
         return []
-    from trainer.config.schema import ColumnsConfig
+    from trainer.config.schema import ColumnsConfig, ReplayConfig
     from trainer.data import build_datasets
 
     data_cfg = dataclasses.replace(
         config.data, path=eval_cfg.forgetting_path, sources=[], format=eval_cfg.forgetting_format,
         columns=ColumnsConfig(), val_path=None, val_ratio=0.0, test_path=None, test_ratio=0.0,
-        packing=False, max_samples=eval_cfg.forgetting_max_samples, dedup="none", strict=False)
+        packing=False, max_samples=eval_cfg.forgetting_max_samples, dedup="none", strict=False,
+        replay=ReplayConfig())  # the check's own records only
     table = build_datasets(data_cfg, tokenizer, config.seed, cache_dir=config.paths.cache_dir).train.table
     return [table.sample(i) for i in range(len(table))]
 

@@ -291,3 +291,15 @@ def test_the_shared_reference_samples_load_in_their_natural_format(tokenizer, na
     assert report.records == records and report.num_skipped == 0
     assert len(data.train) == records
     assert all(data.train[i].num_label_tokens > 0 for i in range(len(data.train)))
+
+
+def test_the_forgetting_check_never_includes_the_replayed_data(tokenizer):
+    """Replay trains on general data; the forgetting check must still measure only its own file."""
+    from tests.conftest import compose_config
+    from trainer.forgetting import build_forgetting_rows
+
+    plain = build_forgetting_rows(compose_config(), tokenizer)
+    replay = str(REPO / "trainer/assets/demo-facts/replay.txt")
+    with_replay = build_forgetting_rows(compose_config(f"data.replay.path={replay}", "data.replay.ratio=0.5"),
+                                        tokenizer)
+    assert [list(r.input_ids) for r in with_replay] == [list(r.input_ids) for r in plain] and plain
