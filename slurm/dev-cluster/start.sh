@@ -289,6 +289,10 @@ SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2,bf_interval=2
 DependencyParameters=kill_invalid_depend
 JobRequeue=1
+# Job ids of their own per cluster (100 apart for port blocks 10 apart): a multi-node job's rendezvous port derives
+# from its job id (launch/slurm_script.py), and two clusters on one machine (the test suite's two workers, a user's
+# cluster beside the tests') would otherwise give their job N the same port.
+FirstJobId=$(( (PORT_BASE - 16800) * 10 ))
 ReturnToService=2
 # Nodes declare more CPUs than the shared host has; accept that instead of draining them.
 SlurmdParameters=config_overrides
