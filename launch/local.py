@@ -68,6 +68,9 @@ def run_local(config: Config) -> int:
 
         return run_training(config)
     status_dir = os.path.join(config.run.dir, STATUS_DIR)
+    # The lock this process holds died with the previous launcher, but its workers may still be saving: never start
+    # beside them (nor delete their records).
+    _wait_for_workers(config.run.dir, "of an earlier launcher on this run dir")
     shutil.rmtree(status_dir, ignore_errors=True)
     os.makedirs(status_dir, exist_ok=True)
     env = worker_environment()
@@ -80,7 +83,7 @@ def run_local(config: Config) -> int:
     # A session of its own: a terminal's Ctrl-C reaches this process only, which asks the workers to checkpoint.
     agent = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent, start_new_session=True)
     returncode = agent.wait()
-    _wait_for_workers(config.run.dir)
+    _wait_for_workers(config.run.dir, "that outlived their launcher")
     if returncode == 0:
         return 0
     failures = read_failures(config.run.dir)
@@ -101,18 +104,19 @@ def run_local(config: Config) -> int:
                        "crashed before it could report; see the output above)")
 
 
-def _wait_for_workers(run_dir: str) -> None:
-    """Workers outlive a torchrun that was killed (SIGKILL): they got SIGTERM from the kernel (trainer/worker.py) and
-    are saving a checkpoint. This process holds the run dir's lock, so it returns only once they are gone."""
+def _wait_for_workers(run_dir: str, whose: str) -> None:
+    """Workers outlive a torchrun or a launcher that was killed (SIGKILL): they got SIGTERM from the kernel
+    (trainer/worker.py) and are saving a checkpoint. This process holds the run dir's lock, so it returns only once
+    they are gone: after its own torchrun, and before it starts workers of its own."""
     from trainer.worker import is_worker_alive, recorded_pids
 
-    alive = [pid for pid in recorded_pids(run_dir) if is_worker_alive(pid)]
+    alive = [pid for pid in recorded_pids(run_dir) if is_worker_alive(pid, run_dir)]
     if alive:
-        sys.stderr.write(f"[trainer] waiting for {len(alive)} workers that outlived their launcher to checkpoint "
-                         f"and exit (pids {' '.join(map(str, alive))})\n")
+        sys.stderr.write(f"[trainer] waiting for {len(alive)} workers {whose} to checkpoint and exit "
+                         f"(pids {' '.join(map(str, alive))})\n")
     while alive:
         time.sleep(0.2)
-        alive = [pid for pid in alive if is_worker_alive(pid)]
+        alive = [pid for pid in alive if is_worker_alive(pid, run_dir)]
 
 
 def _die_with_parent() -> None:

@@ -60,12 +60,14 @@ def recorded_pids(run_dir: str) -> list[int]:
     return pids
 
 
-def is_worker_alive(pid: int) -> bool:
-    """The pid is a trainer.worker (not a process that reused the pid) that has not exited (zombies excluded)."""
+def is_worker_alive(pid: int, run_dir: str | None = None) -> bool:
+    """The pid is a trainer.worker (of RUN_DIR, when given: not a process that reused the pid) that has not exited
+    (zombies excluded; a stopped one is alive)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            if b"trainer.worker" not in fh.read():
-                return False
+            cmdline = fh.read()
+        if b"trainer.worker" not in cmdline or (run_dir and os.fsencode(run_dir) not in cmdline):
+            return False
         with open(f"/proc/{pid}/stat") as fh:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):

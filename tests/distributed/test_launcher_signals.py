@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import read_summary
+from tests.conftest import read_summary, worker_pids
 from tests.signals import agent_pid, assert_none_left, processes_of, start, wait_for_step
 
 pytestmark = pytest.mark.distributed
@@ -51,3 +52,38 @@ def test_workers_checkpoint_and_stop_and_nothing_survives(target, sig, tmp_path)
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("trainer: preempted at step") and "run the same command again" in last, stderr[-2000:]
     assert not processes_of(run_dir)
+
+
+def test_a_relaunch_right_after_the_launcher_was_killed_waits_for_its_workers(tmp_path):
+    """SIGKILL frees the run dir's lock at once while the workers still save: the next `trainer train` takes the lock
+    and must wait for them, not start a second set beside them (a stopped worker holds them all back, so the relaunch
+    certainly comes while they live)."""
+    run_dir = tmp_path / "run"
+    job = start(["train", f"run.dir={run_dir}", *ARGS], tmp_path / "out.log")
+    wait_for_step(run_dir, 1, job)
+    workers = worker_pids(run_dir)
+    assert len(workers) == 2, processes_of(run_dir)
+    os.kill(workers[0], signal.SIGSTOP)
+    try:
+        job.kill()
+        job.wait(timeout=60)
+        relaunch = start(["train", f"run.dir={run_dir}", *ARGS, "train.max_steps=6"], tmp_path / "relaunch.log")
+        deadline = time.monotonic() + 15  # past the relaunch's start-up, while the old workers cannot finish
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            now = set(worker_pids(run_dir))
+            assert now <= set(workers), f"new workers {now - set(workers)} started beside the old ones"
+            assert relaunch.poll() is None, relaunch.communicate()[1][-3000:]
+    finally:
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    _, stderr = relaunch.communicate(timeout=600)
+    assert relaunch.returncode == 0, stderr[-3000:]
+    assert "waiting for 2 workers of an earlier launcher on this run dir" in stderr, stderr[-3000:]
+    assert_none_left(run_dir)
+    summary = read_summary(run_dir)
+    assert summary["status"] == "completed" and summary["steps"] == 6, summary
+    assert "resuming from" in stderr or "resumed from" in stderr, stderr[-3000:]
