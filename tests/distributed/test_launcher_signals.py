@@ -74,6 +74,10 @@ def test_a_relaunch_right_after_the_launcher_was_killed_waits_for_its_workers(tm
             now = set(worker_pids(run_dir))
             assert now <= set(workers), f"new workers {now - set(workers)} started beside the old ones"
             assert relaunch.poll() is None, relaunch.communicate()[1][-3000:]
+    except BaseException:
+        for pid in processes_of(run_dir):  # a failed check leaves nothing running
+            os.kill(pid, signal.SIGKILL)
+        raise
     finally:
         for pid in workers:
             try:
