@@ -18,14 +18,20 @@ def build_forgetting_rows(config, tokenizer) -> list:
     eval_cfg = config.eval
     if not eval_cfg.forgetting_path:
         return []
+    return general_rows(config, tokenizer, eval_cfg.forgetting_path, eval_cfg.forgetting_format,
+                        eval_cfg.forgetting_max_samples)
+
+
+def general_rows(config, tokenizer, path: str, data_format: str, max_samples: int) -> list:
+    """The records of a file that is not training data (the forgetting check's, EWC's Fisher data), tokenised as
+    training would, one sample per row: its own records only, never split, de-duplicated or mixed with replay."""
     from trainer.config.schema import ColumnsConfig, ReplayConfig
     from trainer.data import build_datasets
 
     data_cfg = dataclasses.replace(
-        config.data, path=eval_cfg.forgetting_path, sources=[], format=eval_cfg.forgetting_format,
-        columns=ColumnsConfig(), val_path=None, val_ratio=0.0, test_path=None, test_ratio=0.0,
-        packing=False, max_samples=eval_cfg.forgetting_max_samples, dedup="none", strict=False,
-        replay=ReplayConfig())  # the check's own records only
+        config.data, path=path, sources=[], format=data_format, columns=ColumnsConfig(), val_path=None,
+        val_ratio=0.0, test_path=None, test_ratio=0.0, packing=False, max_samples=max_samples, dedup="none",
+        strict=False, replay=ReplayConfig())
     table = build_datasets(data_cfg, tokenizer, config.seed, cache_dir=config.paths.cache_dir).train.table
     return [table.sample(i) for i in range(len(table))]
 

@@ -85,6 +85,7 @@ class Recipe:
                              "(attention and positions kept per answer)")
         # DPO/IPO/KTO: {"train": [n, 2], "val": [n_val, 2]} reference log-probs (KTO: answer, mismatched answer)
         self.reference: dict | None = None
+        self.anchor = None  # regularize: EWC / L2 towards the starting weights (trainer/regularize.py), else None
         self.state = TrainState()
         self.state_bytes: dict | None = None  # this rank's parameter/gradient/optimizer bytes after step 1
 
@@ -136,11 +137,15 @@ class Recipe:
         self.preemption = watch()
         checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint, self.strategy, log=self.logger.info)
         configured = self._optimizer_settings()
+        from trainer.regularize import build_anchor
+
         if checkpoints.resume(cfg.resume, self) is None:
             self._prepare_reference(resumed=False)
+            self.anchor = build_anchor(self, resumed=False)
             self.state.eval_before = self._evaluate_unless_preempted(step=0) or {}
         else:
             self._prepare_reference(resumed=True)
+            self.anchor = build_anchor(self, resumed=True)
             self._apply_optimizer_settings(configured)
         self.logger.info(f"training {self.total_steps} steps: global batch {cfg.train.global_batch_size} = micro "
                          f"{cfg.train.micro_batch_size} x {self.strategy.world_size} ranks x "
@@ -316,6 +321,10 @@ class Recipe:
                                                              strategy.autocast)
                 router = self.router_loss.pop(batch.token_mask) if self.router_loss else 0.0
                 micro_loss = micro_loss_sum / num_label_tokens + router * router_share
+                if self.anchor is not None and index == len(micro_batches) - 1:
+                    # Once per step; every rank adds its 1/world share, which the ranks' gradient average undoes.
+                    penalty, penalty_terms = self.anchor.penalty()
+                    micro_loss = micro_loss + penalty / strategy.world_size
                 strategy.backward(micro_loss * strategy.loss_multiplier)
             loss_sum += micro_loss_sum.detach()
             router_sum += router.detach() if torch.is_tensor(router) else router
@@ -347,6 +356,8 @@ class Recipe:
             units = "pairs" if self.pairs else "label_tokens"
             metrics.update(loss=loss, grad_norm=grad_norm, **{units: num_label_tokens}, epoch=self.sampler.state.epoch,
                            peak_memory_gib=round(peak_memory_bytes(strategy.device) / 2**30, 3))
+            if self.anchor is not None:  # the weights' distance before this step's update (0 at step 1)
+                metrics.update({name: float(value.detach()) for name, value in penalty_terms.items()})
         if math.isfinite(loss):
             self.state.first_loss = loss if self.state.first_loss is None else self.state.first_loss
             self.state.last_loss = loss

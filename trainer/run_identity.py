@@ -45,6 +45,7 @@ IDENTITY: dict[str, str] = {
     "optim.name": "the optimizer state's layout",
     "optim.freeze": "which parameters train (the optimizer state)",
     "optim.layer_lr_decay": "the optimizer's parameter groups",
+    "regularize": "the penalty against forgetting and the weights it anchors (anchor.safetensors, from step 0)",
 }
 # Exceptions inside identity prefixes: labels and settings that change neither weights nor data.
 SAFE: tuple[str, ...] = ("model.name", "model.attn_implementation", "model.trust_remote_code", "data.cache",

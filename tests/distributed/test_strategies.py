@@ -163,3 +163,21 @@ def test_generation_metrics_over_two_fsdp_ranks_equal_one_process(tmp_path):
     for key in ("eval_exact_match", "eval_token_f1", "eval_bleu", "eval_rouge1", "eval_rouge2", "eval_rougeL"):
         assert evals["fsdp"][key] == pytest.approx(evals["single"][key], rel=1e-9), key
     assert evals["single"]["eval_bleu"] > 0
+
+
+def test_weight_penalties_on_two_ddp_ranks_match_one_process(tmp_path):
+    """EWC + L2 towards the starting weights (trainer/regularize.py): the Fisher from the ranks' shares of the general
+    data equals one process's, and each rank's 1/world share of the penalty, averaged with the gradients, applies it
+    once (an L2 strong enough to steer Adam's steps: a penalty counted twice or half gives other losses)."""
+    penalties = ("regularize.ewc_lambda=1000", "regularize.l2_lambda=100", "regularize.fisher_samples=8",
+                 f"regularize.fisher_path={REPO / 'trainer' / 'assets' / 'demo-facts' / 'replay.txt'}",
+                 "logger.every_n_steps=1", *_peft("none"))
+    single = _train(tmp_path / "single", "strategy=single", *penalties, ranks=1)
+    ddp = _train(tmp_path / "ddp", "strategy=ddp", *penalties)
+    for step in range(1, STEPS + 1):
+        assert ddp[step] == pytest.approx(single[step], rel=1e-3), f"step {step}"
+    single_terms = {r["step"]: r for r in read_metrics(tmp_path / "single") if "l2_penalty" in r}
+    ddp_terms = {r["step"]: r for r in read_metrics(tmp_path / "ddp") if "l2_penalty" in r}
+    for step in range(2, STEPS + 1):
+        for key in ("ewc_penalty", "l2_penalty"):
+            assert ddp_terms[step][key] == pytest.approx(single_terms[step][key], rel=1e-3), (step, key)

@@ -10,6 +10,7 @@ from tests.conftest import REPO, assert_one_line_error, compose_config, read_met
 
 FAST = ("train.max_steps=20", "eval.every_n_steps=2", "eval.generate_samples=0", "eval.max_batches=2",
         "logger.progress=false", "logger.plot=false")
+REPLAY_TEXT = REPO / "trainer" / "assets" / "demo-facts" / "replay.txt"
 
 
 def test_the_demo_reports_forgetting_before_during_and_after(tmp_path):
@@ -54,13 +55,54 @@ def test_own_data_drops_the_demo_forgetting_text_and_takes_its_own(tmp_path):
     ("eval.forgetting_path=/no/such/file.txt", ["eval.forgetting_path", "does not exist"]),
     ("eval.forgetting_format=yaml", ["eval.forgetting_format", "'yaml' is not one of"]),
     ("eval.max_forgetting=-1", ["eval.max_forgetting", ">= 0"]),
+    ("regularize.ewc_lambda=10", ["regularize.fisher_path", "general data"]),
+    ("regularize.l2_lambda=-1", ["regularize.l2_lambda", ">= 0"]),
+    ("regularize.fisher_path=/nonexistent.txt", ["regularize.fisher_path", "does not exist"]),
 ])
 def test_bad_forgetting_settings_are_one_line(override, fragments, tmp_path):
     assert_one_line_error(run_cli("train", f"run.dir={tmp_path / 'run'}", override, timeout=60), *fragments)
     assert not (tmp_path / "run").exists()
 
 
+def test_the_weight_penalties_are_refused_where_weights_are_sharded(tmp_path):
+    result = run_cli("train", f"run.dir={tmp_path / 'run'}", "regularize.l2_lambda=1", "strategy=fsdp", timeout=60)
+    assert_one_line_error(result, "regularize.l2_lambda", "strategy=single or ddp")
+
+
 def test_max_forgetting_needs_data_to_watch(tmp_path):
     result = run_cli("train", f"run.dir={tmp_path / 'run'}", "eval.forgetting_path=null", "eval.max_forgetting=0.1",
                      timeout=60)
     assert_one_line_error(result, "eval.max_forgetting", "eval.forgetting_path")
+
+
+REGULARIZED = ("regularize.ewc_lambda=1000", "regularize.l2_lambda=10", f"regularize.fisher_path={REPLAY_TEXT}",
+               "regularize.fisher_samples=8", "checkpoint.every_n_steps=3", "eval.generate_samples=0",
+               "eval.max_batches=1", "logger.every_n_steps=1", "logger.progress=false", "logger.plot=false")
+
+
+def test_ewc_and_l2_penalties_are_logged_from_zero_and_a_resume_keeps_their_anchor(tmp_path):
+    """The penalties start at 0 (the weights are their own anchor at step 1), grow as the weights move, are logged
+    apart from the loss, and a resumed run penalises the distance from the same anchor: its steps equal the
+    uninterrupted run's."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    result = run_cli("train", f"run.dir={whole}", "train.max_steps=6", "eval.every_n_steps=3", *REGULARIZED,
+                     timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "regularize: EWC lambda 1000, Fisher over 8 records" in result.stderr, result.stderr[-2000:]
+    records = {r["step"]: r for r in read_metrics(whole) if "loss" in r}
+    assert records[1]["ewc_penalty"] == 0.0 and records[1]["l2_penalty"] == 0.0
+    assert 0 < records[3]["ewc_penalty"] < records[6]["ewc_penalty"] and records[6]["l2_penalty"] > 0
+    assert (whole / "anchor.safetensors").exists()
+
+    # Preempted as the evaluation at step 3 begins (a real SIGTERM, trainer/faults.py): checkpointed there, exit 85.
+    first = run_cli("train", f"run.dir={cut}", "train.max_steps=6", "eval.every_n_steps=3", *REGULARIZED,
+                    env={"TRAINER_SIGNAL_AT": "eval-3:SIGTERM"}, timeout=600)
+    assert first.returncode == 85 and read_summary(cut)["steps"] == 3, first.stderr[-3000:]
+    result = run_cli("train", f"run.dir={cut}", "train.max_steps=6", "eval.every_n_steps=3", *REGULARIZED,
+                     timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stderr and "Fisher over" not in result.stderr  # loaded, not estimated again
+    resumed = {r["step"]: r for r in read_metrics(cut) if "loss" in r}
+    for step in (4, 5, 6):
+        for key in ("loss", "ewc_penalty", "l2_penalty"):
+            assert resumed[step][key] == records[step][key], (step, key)

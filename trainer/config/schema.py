@@ -442,6 +442,29 @@ class EvalConfig:
 
 
 @dataclass
+class RegularizeConfig:
+    """Penalties that keep the trainable weights near where training started (trainer/regularize.py): a guard
+    against forgetting beside data.replay. Single-process and DDP runs (every trainable weight whole on each rank)."""
+
+    # EWC: ewc_lambda/2 x sum F (w - w0)^2, F the Fisher information of the starting weights on fisher_path's data
+    ewc_lambda: float = 0.0  # 0: off
+    l2_lambda: float = 0.0  # L2 towards the starting weights: l2_lambda/2 x sum (w - w0)^2 (0: off)
+    fisher_path: Optional[str] = None  # general data for the Fisher (any data format); null: data.replay.path
+    fisher_format: str = "text"  # its format (as data.format)
+    fisher_samples: int = 64  # records the Fisher is averaged over (one forward and backward each, before step 1)
+
+    def __post_init__(self) -> None:
+        non_negative(self.ewc_lambda, "ewc_lambda", "a penalty weight", zero="switches EWC off")
+        non_negative(self.l2_lambda, "l2_lambda", "a penalty weight", zero="switches the L2 penalty off")
+        one_of(self.fisher_format, DATA_FORMATS, "fisher_format")
+        require(self.fisher_samples >= 1, "fisher_samples", f"must be >= 1, got {self.fisher_samples}")
+
+    @property
+    def active(self) -> bool:
+        return self.ewc_lambda > 0 or self.l2_lambda > 0
+
+
+@dataclass
 class CheckpointConfig:
     every_n_steps: int = 0  # save a checkpoint every N steps (0 disables)
     every_n_minutes: float = 0.0  # also save once this long since the last save (rank 0's clock decides; 0 disables)
@@ -539,6 +562,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    regularize: RegularizeConfig = field(default_factory=RegularizeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     launcher: Any = MISSING

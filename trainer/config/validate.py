@@ -14,8 +14,8 @@ from trainer.config.schema import Config
 from trainer.errors import ConfigError
 from trainer.remote_code import shipped_code
 
-SECTIONS = ("run", "model", "data", "peft", "strategy", "optim", "train", "objective", "eval", "checkpoint", "logger",
-            "launcher", "paths", "hardware")
+SECTIONS = ("run", "model", "data", "peft", "strategy", "optim", "train", "objective", "eval", "regularize",
+            "checkpoint", "logger", "launcher", "paths", "hardware")
 
 
 def _omegaconf_error_to_config_error(err: Exception, section: str) -> ConfigError:
@@ -129,6 +129,7 @@ def check_cross_group(config: Config) -> None:
         raise ConfigError("data.replay.path", f"replay mixes general data into supervised fine-tuning; "
                           f"objective.name={config.objective.name} trains on preference data only: leave data.replay "
                           "unset (or train with objective.name=sft)")
+    _check_regularize(config)
     if config.data.val_path and not os.path.exists(config.data.val_path):
         raise ConfigError("data.val_path", f"{config.data.val_path!r} does not exist")
     forgetting = config.eval.forgetting_path
@@ -228,3 +229,26 @@ def _looks_like_hub_id(path: str) -> bool:
         return False
     return path.count("/") == 1 and os.environ.get("HF_HUB_OFFLINE", "0") != "1" and not os.environ.get(
         "TRAINER_OFFLINE")
+
+
+# The penalty needs every trainable weight whole on each rank (trainer/regularize.py).
+REGULARIZE_STRATEGIES = ("single", "ddp")
+
+
+def _check_regularize(config: Config) -> None:
+    reg = config.regularize
+    if reg.fisher_path and not any(ch in reg.fisher_path for ch in "*?[") and not os.path.exists(reg.fisher_path):
+        raise ConfigError("regularize.fisher_path", f"{reg.fisher_path!r} does not exist")
+    if not reg.active:
+        return
+    key = "regularize.ewc_lambda" if reg.ewc_lambda > 0 else "regularize.l2_lambda"
+    if config.strategy.name not in REGULARIZE_STRATEGIES:
+        raise ConfigError(key, f"the penalty needs every trainable weight whole on each rank: use strategy=single or "
+                          f"ddp (got {config.strategy.name}), or data.replay against forgetting")
+    if config.objective.name != "sft":
+        raise ConfigError(key, f"the penalty is for supervised fine-tuning; objective.name={config.objective.name} "
+                          "starts from the SFT model it aligns: leave regularize unset")
+    path = reg.fisher_path or config.data.replay.path
+    if reg.ewc_lambda > 0 and not path:
+        raise ConfigError("regularize.fisher_path", "EWC estimates the Fisher information on general data: set "
+                          "regularize.fisher_path (any data format; data.replay.path is used when set)")
