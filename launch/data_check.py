@@ -13,11 +13,14 @@ import sys
 from trainer.errors import EXIT_USER_ERROR, DataError
 
 USAGE = """\
-usage: trainer data check [OVERRIDES]
+usage: trainer data check [my.yaml] [OVERRIDES] [-cd DIR] [-cn NAME]
 
 Load, validate, format and tokenise the data a `trainer train` run with the same overrides would use, then
 print records per source (kept, skipped, duplicates, held out, truncated, dropped), token-length percentiles,
 packing efficiency and two samples with their trained tokens between [[ and ]]. Exits 0 when the data is usable.
+
+  my.yaml    your own config file, composed over the defaults like the overrides (README: your own config file)
+  -cd DIR    add DIR to the config search path (your own experiment/, model/ ... options); -cn NAME: primary config
 
 e.g. trainer data check data.path=my.jsonl data.format=chat
      trainer data check data.path=dolly.jsonl data.columns.input=context data.columns.output=response

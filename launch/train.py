@@ -8,6 +8,15 @@ import sys
 from launch.compose import CONF_DIR, hydra_error_to_config_error, setup_hydra, with_demo_default
 from trainer.errors import EXIT_USER_ERROR, UserError
 
+# Printed above Hydra's own help (its config groups and every key), which knows nothing of my.yaml.
+USAGE = """\
+usage: trainer train [my.yaml] [OVERRIDES] [-cd DIR] [-cn NAME] [-m] [--cfg job]
+
+  my.yaml    your own config file, composed over the defaults like the overrides (README: your own config file)
+  -cd DIR    add DIR to the config search path (your own experiment/, model/ ... options); -cn NAME: primary config
+
+"""
+
 
 def _task(cfg) -> int:
     if cfg.launcher.name != "local":
@@ -149,11 +158,37 @@ def _remove_if_empty(path: str) -> None:
         pass  # not empty (a previous run's files) or already gone: leave it
 
 
+# Hydra's options and how many values each takes. Its parser ends the overrides at the first option, so in
+# `trainer train my.yaml -m optim.lr=1e-3,2e-3` (the file's overrides, then -m) the sweep's values went unparsed.
+_HYDRA_OPTIONS = {"-m": 0, "--multirun": 0, "--resolve": 0, "-h": 0, "--help": 0, "--hydra-help": 0, "-cd": 1,
+                  "--config-dir": 1, "-cn": 1, "--config-name": 1, "-cp": 1, "--config-path": 1, "--cfg": 1, "-c": 1,
+                  "-p": 1, "--package": 1}
+
+
+def options_first(argv: list[str]) -> list[str]:
+    """ARGV with Hydra's options (and their values) moved before the overrides, each group in its own order."""
+    options, overrides = [], []
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        arity = _HYDRA_OPTIONS.get(arg.split("=", 1)[0] if arg.startswith("--") else arg)
+        if arity is None:
+            overrides.append(arg)
+            index += 1
+            continue
+        taken = 1 if "=" in arg else 1 + arity
+        options += argv[index:index + taken]
+        index += taken
+    return options + overrides
+
+
 def main(argv: list[str]) -> int:
     from launch.config_file import expand_config_files
 
-    argv = expand_config_files(argv)  # `trainer train my.yaml ...`: the file's overrides in its place
-    if _wants_job_config(argv):
+    argv = options_first(expand_config_files(argv))  # `trainer train my.yaml ...`: the file's overrides in its place
+    if {"-h", "--help"} & set(argv):
+        sys.stdout.write(USAGE)  # then Hydra's help below it
+    elif _wants_job_config(argv):
         return print_job_config(argv)
     import hydra
     from hydra.core.hydra_config import HydraConfig

@@ -3,6 +3,7 @@ no run dir, and where a name is mistyped, the closest existing one (trainer/pref
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -15,12 +16,22 @@ TINY = REPO / "trainer/assets/tiny-llama"
 TRAIN = (f"data.path={REPO / 'tests/fixtures/data/alpaca.json'}", "train.max_steps=1", "train.global_batch_size=2")
 
 
-@pytest.mark.parametrize("overrides, fragments", [
-    (["peft=lora", "peft.target_modules=[q_projx]"], ["peft.target_modules", "'q_projx'", "did you mean q_proj?"]),
-    (["peft=ia3", "peft.target_modules=[foo]"], ["peft.target_modules", "'foo' is no module of LlamaForCausalLM"]),
-    (["peft=lora", "peft.modules_to_save=[lm_headx]"], ["peft.modules_to_save", "did you mean lm_head?"]),
-    (["model.attn_implementation=flash_attention_2"], ["model.attn_implementation", "flash_attn package"]),
-])
+HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
+# Mistakes `trainer train` refuses before any run dir, and the line that says so: (overrides, fragments).
+REFUSED = [
+    pytest.param(["peft=lora", "peft.target_modules=[q_projx]"],
+                 ["peft.target_modules", "'q_projx'", "did you mean q_proj?"], id="q_projx"),
+    pytest.param(["peft=ia3", "peft.target_modules=[foo]"],
+                 ["peft.target_modules", "'foo' is no module of LlamaForCausalLM"], id="ia3-foo"),
+    pytest.param(["peft=lora", "peft.modules_to_save=[lm_headx]"],
+                 ["peft.modules_to_save", "did you mean lm_head?"], id="lm_headx"),
+    pytest.param(["model.attn_implementation=flash_attention_2"], ["model.attn_implementation", "flash_attn package"],
+                 id="flash_attention_2",
+                 marks=pytest.mark.skipif(HAS_FLASH_ATTN, reason="flash_attn is installed: the kernel is there")),
+]
+
+
+@pytest.mark.parametrize("overrides, fragments", REFUSED)
 def test_mistyped_modules_and_missing_kernels_are_one_line_before_any_run_dir(tmp_path, overrides, fragments):
     run_dir = tmp_path / "run"
     result = run_cli("train", f"model.path={TINY}", *TRAIN, f"run.dir={run_dir}", *overrides, timeout=300)
@@ -57,17 +68,26 @@ def test_a_model_dir_without_a_tokenizer_says_so_and_how_to_go_on(model_without,
 
 
 def test_a_model_dir_without_weights_or_config_is_refused_before_tokenising(model_without, tmp_path):
+    cache = tmp_path / "cache"  # a run tokenises into <paths.cache_dir>/data/<fingerprint>/ (trainer/data/cache.py)
     result = run_cli("train", f"model.path={model_without('*.safetensors')}", *TRAIN, f"run.dir={tmp_path / 'r'}",
-                     timeout=300)
+                     f"paths.cache_dir={cache}", timeout=300)
     assert_one_line_error(result, "model.path", "holds no weights", "model.init=random")
     shutil.rmtree(tmp_path / "model")
     result = run_cli("train", f"model.path={model_without('config.json')}", *TRAIN, f"run.dir={tmp_path / 'r'}",
-                     timeout=300)
+                     f"paths.cache_dir={cache}", timeout=300)
     assert_one_line_error(result, "model.path", "has no config.json")
     assert not (tmp_path / "r").exists()
+    assert not cache.exists() or not any(cache.rglob("*")), sorted(cache.rglob("*"))  # refused before tokenising
 
 
-def test_cfg_job_refuses_what_train_refuses(tmp_path):
-    result = run_cli("train", f"model.path={TINY}", *TRAIN, "peft=lora", "peft.target_modules=[q_projx]",
-                     "--cfg", "job", timeout=300)
-    assert_one_line_error(result, "did you mean q_proj?")
+@pytest.mark.parametrize("overrides, fragments", [
+    *REFUSED,
+    pytest.param(["train.micro_batch_size=2", "train.global_batch_size=7"],
+                 ["train.global_batch_size", "7 is not a multiple of micro_batch_size"], id="global_batch_size=7"),
+])
+def test_cfg_job_refuses_what_train_refuses(overrides, fragments):
+    """`--cfg job` prints what the run would freeze, so it refuses what `trainer train` refuses, with the same line,
+    and prints no config."""
+    result = run_cli("train", f"model.path={TINY}", *TRAIN, *overrides, "--cfg", "job", timeout=300)
+    assert_one_line_error(result, *fragments)
+    assert not result.stdout.strip(), result.stdout[-2000:]

@@ -23,19 +23,33 @@ def _rows(sweep_dir) -> list[dict]:
 
 
 def test_grid_points_get_their_own_run_dirs_a_shared_wandb_group_and_a_summary(tmp_path):
+    """Here from a user's own config dir (`-cd DIR experiment=NAME`) and config file (`my.yaml`), which every point
+    composes like the command line (the plain-overrides sweep is the Optuna test below)."""
+    (tmp_path / "conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "conf" / "experiment" / "tiny-sweep.yaml").write_text(  # TINY's train and eval values, and one more
+        "# @package _global_\ndata:\n  max_seq_len: 96\ntrain:\n  max_steps: 2\n  micro_batch_size: 4\n"
+        "  global_batch_size: 8\neval:\n  max_batches: 1\n  generate_samples: 0\n")
+    (tmp_path / "mine.yaml").write_text("seed: 7\nlogger:\n  progress: false\n  plot: false\n")  # TINY's logger values
     sweep_dir = tmp_path / "sweep"
-    result = run_cli("train", "-m", "optim.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep_dir}", "run.dir=/ignored", *TINY)
+    # Options among the overrides, as people type them (Hydra's own parser wants its options first).
+    result = run_cli("train", str(tmp_path / "mine.yaml"), "-cd", str(tmp_path / "conf"), "experiment=tiny-sweep",
+                     "-m", "optim.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep_dir}", "run.dir=/ignored")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "run.dir is ignored in a sweep" in result.stderr
     for num, lr in ((0, 0.001), (1, 0.002)):
         run_dir = sweep_dir / str(num)
         config = yaml.safe_load((run_dir / "config.yaml").read_text())
         assert config["run"]["dir"] == str(run_dir) and config["optim"]["lr"] == lr
+        assert (config["data"]["max_seq_len"], config["train"]["max_steps"], config["eval"]["generate_samples"]) == (
+            96, 2, 0)  # the config dir's experiment
+        assert (config["seed"], config["logger"]["plot"]) == (7, False)  # the config file
+        assert read_summary(run_dir)["steps"] == 2
         assert config["logger"]["wandb"]["group"] == "sweep"
         assert read_summary(run_dir)["status"] == "completed"
         assert json.loads((run_dir / "sweep_point.json").read_text())["num"] == num
     rows = _rows(sweep_dir)  # written by the end-of-sweep callback, no command needed
-    assert [(r["run"], r["optim.lr"]) for r in rows] == [("0", "0.001"), ("1", "0.002")]
+    assert [(r["run"], r["optim.lr"]) for r in rows] == [("0", "0.001"), ("1", "0.002")]  # only the swept key varies
+    assert (sweep_dir / "sweep_summary.md").read_text() in result.stdout
     assert sum(bool(r["best"]) for r in rows) == 1 and "| **best** |" in result.stdout
 
 

@@ -78,14 +78,29 @@ def test_a_typo_inside_your_own_experiment_names_the_key_the_closest_one_and_the
     assert not (tmp_path / "run").exists()
 
 
-def test_data_check_takes_your_own_config_dir_and_config_file(tmp_path):
+@pytest.mark.parametrize("how", [["-cd", "{dir}", "experiment=mine"], ["--config-dir", "{dir}", "experiment=mine"],
+                                 ["{dir}/mine.yaml"]], ids=["-cd", "--config-dir", "my.yaml"])
+def test_data_check_takes_your_own_config_dir_and_config_file(tmp_path, how):
     (tmp_path / "experiment").mkdir()
     (tmp_path / "experiment" / "mine.yaml").write_text(
         f"# @package _global_\nmodel:\n  path: {TINY}\ndata:\n  path: {CHAT}\n  max_seq_len: 96\n"
         "train:\n  micro_batch_size: 1\n  global_batch_size: 1\n")
     (tmp_path / "mine.yaml").write_text(f"model:\n  path: {TINY}\ndata:\n  path: {CHAT}\n  max_seq_len: 96\n"
                                         "train:\n  micro_batch_size: 1\n  global_batch_size: 1\n")
-    for args in (["-cd", str(tmp_path), "experiment=mine"], [str(tmp_path / "mine.yaml")]):
-        result = run_cli("data", "check", *args, f"paths.cache_dir={tmp_path / 'cache'}", timeout=300)
-        assert result.returncode == 0, (args, result.stderr[-2000:])
-        assert "chat.jsonl" in result.stdout and "96" in result.stdout, result.stdout[-2000:]
+    args = [arg.format(dir=tmp_path) for arg in how]
+    result = run_cli("data", "check", *args, f"paths.cache_dir={tmp_path / 'cache'}", timeout=300)
+    assert result.returncode == 0, (args, result.stderr[-2000:])
+    assert "chat.jsonl" in result.stdout and "max_seq_len 96" in result.stdout, result.stdout[-2000:]  # the file's
+
+
+@pytest.mark.parametrize("command", [["train"], ["plan"], ["data", "check"]], ids="-".join)
+def test_the_help_of_every_composing_command_names_your_own_config_file_and_dir(command):
+    result = run_cli(*command, "--help", timeout=60)
+    assert result.returncode == 0, result.stderr
+    usage = result.stdout.splitlines()[0]
+    assert usage.startswith(f"usage: trainer {' '.join(command)} [my.yaml] [OVERRIDES]") and "[-cd DIR]" in usage
+    lines = [line.split() for line in result.stdout.splitlines()]
+    assert any(words[:2] == ["my.yaml", "your"] for words in lines), result.stdout[:2000]
+    assert any(words[:3] == ["-cd", "DIR", "add"] for words in lines), result.stdout[:2000]
+    if command == ["train"]:
+        assert "== Configuration groups ==" in result.stdout  # Hydra's own help follows

@@ -108,8 +108,15 @@ def test_tensorboard_gets_the_scalars_the_config_and_the_hyperparameters(tmp_pat
     assert {"train/loss", "eval/loss"} <= set(tags["scalars"])
     assert any(tag.startswith("config") for tag in tags["tensors"])  # the config's text
     assert events.Scalars("train/loss")[0].value == 2.5
+    # The HParams tab lists this run's optim.lr and peft.name, with their values (the plugin's own protos).
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
     hparams = EventAccumulator(str(tmp_path / "tensorboard")).Reload().PluginTagToContent("hparams")
-    assert hparams  # the HParams tab lists this run's optim.lr and peft.name
+    written = {tag.rsplit("/", 1)[-1]: plugin_data_pb2.HParamsPluginData.FromString(raw)
+               for tag, raw in hparams.items()}
+    assert {info.name for info in written["experiment"].experiment.hparam_infos} >= {"optim.lr", "peft.name"}
+    values = written["session_start_info"].session_start_info.hparams
+    assert values["optim.lr"].number_value == pytest.approx(2e-4) and values["peft.name"].string_value == "lora"
 
 
 def test_samples_and_the_final_adapter_reach_tensorboard_and_wandb_offline(tmp_path, monkeypatch):

@@ -94,7 +94,7 @@ def test_usage_and_user_errors(tmp_path):
 def test_a_mistyped_objective_is_refused_with_the_closest_key_and_the_tables_stay(sweep):
     first = run_cli("sweep", "summary", str(sweep))
     assert first.returncode == 0, first.stderr
-    written = (sweep / "sweep_summary.csv").read_text()
+    written = {name: (sweep / name).read_text() for name in ("sweep_summary.csv", "sweep_summary.md")}
     result = run_cli("sweep", "summary", str(sweep), "--objective", "eval_after.exact_macth")
     assert_one_line_error(result, "eval_after.exact_macth", "did you mean eval_after.exact_match?")
-    assert (sweep / "sweep_summary.csv").read_text() == written
+    assert {name: (sweep / name).read_text() for name in written} == written  # neither table is overwritten
