@@ -36,7 +36,7 @@ $(TEST_STAMP): $(STAMP)
 	mkdir -p $(WHEEL_CACHE)
 	ls $(WHEEL_CACHE)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" \
 		$(PY) -m pip wheel -q --no-deps -w $(WHEEL_CACHE) "$(LLAMA_CPP_SPEC)"
-	$(PY) -m pip install -q --find-links $(WHEEL_CACHE) -e ".[all,gguf-test,preference-test]"
+	$(PY) -m pip install -q --find-links $(WHEEL_CACHE) -e ".[all,gguf-test,preference-test,harness]"
 	touch $(TEST_STAMP)
 
 demo: install

@@ -36,8 +36,12 @@ detected); or --split val|test takes the records a run dir's training held out (
 split, or its val/test file). The records are rendered with the run's template (or --template) and their last
 answers are the references.
 
+--harness runs EleutherAI's lm-evaluation-harness tasks on the same targets (any task name on a connected machine;
+your own task YAML with local data through --harness-include DIR); its metrics join the table as TASK/METRIC.
+
 e.g. trainer eval runs/facts-lora --data facts-val.jsonl --base-too --json scores.json
      trainer eval runs/facts-lora --split test --base-too
+     trainer eval runs/facts-lora --base-too --harness my_task --harness-include my-tasks/
 """
 LATENCY_PROMPTS = 5
 
@@ -62,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--max-seq-len", type=int, default=2048, help="longer samples are truncated for the loss")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--harness", metavar="TASK[,TASK]",
+                        help="also run lm-evaluation-harness tasks on every target (extra 'harness'); then --data "
+                             "and --split are optional")
+    parser.add_argument("--harness-include", metavar="DIR", help="task YAML files of your own (local data)")
     parser.add_argument("--json", dest="json_path", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run Python code that the model dir ships (auto_map); off unless you trust its source")
@@ -198,7 +206,7 @@ def render_table(results: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from launch.generate import choose_template, final_dir, load_models, parse_adapters
+    from launch.generate import final_dir, load_models, parse_adapters
 
     args = build_parser().parse_args(argv)
     for name in ("max_new_tokens", "max_seq_len", "batch_size"):
@@ -210,17 +218,50 @@ def main(argv: list[str]) -> int:
         raise UserError(f"eval: {args.source!r} is not a model dir or run dir")
     final_dir(args.source)  # an unfinished run or truncated weights: one line now, before any library loads
     adapters = parse_adapters(args.adapter)
-    if bool(args.data) == bool(args.split):
-        raise UserError("eval: give --data FILE or --split val|test (one of them)")
+    if args.data and args.split:
+        raise UserError("eval: give --data FILE or --split val|test, not both")
+    if not (args.data or args.split or args.harness):
+        raise UserError("eval: give --data FILE, --split val|test or --harness TASK")
+    harness = None
+    if args.harness:  # the package and task names checked before any model loads
+        from launch.harness import check_harness, parse_tasks
+
+        harness = parse_tasks(args.harness), check_harness(parse_tasks(args.harness), args.harness_include)
+    examples = None
     if args.split:
         examples, formats = read_split(args.source, args.split, args.max_samples)
         data_label = f"{args.source} ({args.split} split)"
-    else:
+    elif args.data:
         examples, formats = read_examples(args.data, args.format, args.max_samples)
         data_label = args.data
     model, tokenizer, names, run_config = load_models(args.source, adapters, args.trust_remote_code)
     if tokenizer.pad_token_id is None:  # batches are padded; the padding is masked out of every metric
         tokenizer.pad_token = tokenizer.eos_token
+    results: dict = {}
+    scored = 0
+    if examples is not None:
+        results, scored = score_examples(model, tokenizer, examples, formats, data_label, names, run_config, args)
+    if harness is not None:
+        from launch.harness import run_harness
+
+        tasks, manager = harness
+        scores = run_harness(model, tokenizer, names, args.base_too, tasks, manager, args.max_samples,
+                             args.batch_size)
+        for target, metrics in scores.items():
+            results.setdefault(target, {"metrics": {}, "answers": []})["metrics"].update(metrics)
+        print(f"lm-evaluation-harness: {', '.join(tasks)}" + (f" (first {args.max_samples} documents of each)"
+                                                               if args.max_samples else ""))
+    print(render_table(results))
+    if args.json_path:
+        write_report(args, results, scored)
+    sys.stdout.flush()
+    return 0
+
+
+def score_examples(model, tokenizer, examples, formats, data_label: str, names, run_config, args) -> tuple[dict, int]:
+    """The project's own metrics on the data file or split, rendered with the run's (or the chosen) template."""
+    from launch.generate import choose_template
+
     if args.template == "auto" and not run_config.get("data"):
         # No run to follow: the template `trainer train` would pick for this data and tokenizer.
         from trainer.data.templates import build_template
@@ -233,18 +274,20 @@ def main(argv: list[str]) -> int:
         raise UserError(f"eval: no record of {data_label} renders to a prompt and an answer with this template")
     results = score_all(model, tokenizer, samples, names, args)
     print(f"{len(samples)} samples from {data_label}; greedy answers of up to {args.max_new_tokens} tokens")
-    print(render_table(results))
-    if args.json_path:
-        report = {"data": os.path.abspath(args.data) if args.data else None, "split": args.split,
-                  "samples": len(samples), "max_new_tokens": args.max_new_tokens,
-                  "targets": {name: {"metrics": result["metrics"],
-                                     "answers": [{"prompt": s.prompt, "reference": s.reference, "answer": a}
-                                                 for s, a in zip(samples, result["answers"])]}
-                              for name, result in results.items()}}
-        tmp = f"{args.json_path}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(report, fh, indent=2)
-        os.replace(tmp, args.json_path)
-        print(f"results: {args.json_path}")
-    sys.stdout.flush()
-    return 0
+    for result in results.values():
+        result["answers"] = [{"prompt": s.prompt, "reference": s.reference, "answer": a}
+                             for s, a in zip(samples, result["answers"])]
+    return results, len(samples)
+
+
+def write_report(args, results: dict, scored: int) -> None:
+    report = {"data": os.path.abspath(args.data) if args.data else None, "split": args.split,
+              "samples": scored, "max_new_tokens": args.max_new_tokens,
+              "harness": args.harness,
+              "targets": {name: {"metrics": result["metrics"], "answers": result["answers"]}
+                          for name, result in results.items()}}
+    tmp = f"{args.json_path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(report, fh, indent=2)
+    os.replace(tmp, args.json_path)
+    print(f"results: {args.json_path}")

@@ -54,7 +54,9 @@ def test_a_run_and_its_base_are_scored_side_by_side_with_the_field_s_own_bleu_an
 def test_eval_mistakes_are_one_line(lora_run, tmp_path):
     assert_one_line_error(run_cli("eval", str(lora_run), "--data", str(tmp_path / "none.jsonl")),
                           "eval: --data", "does not exist")
-    assert_one_line_error(run_cli("eval", str(lora_run)), "eval: give --data FILE or --split val|test")
+    assert_one_line_error(run_cli("eval", str(lora_run)), "eval: give --data FILE, --split val|test or --harness TASK")
+    assert_one_line_error(run_cli("eval", str(lora_run), "--data", str(ALPACA), "--split", "val"),
+                          "eval: give --data FILE or --split val|test, not both")
     assert_one_line_error(run_cli("eval", str(lora_run), "--split", "test"),  # the demo holds out no test records
                           "test split is empty (data.test_ratio=0", "train with data.test_ratio > 0")
     assert_one_line_error(run_cli("eval", str(REPO / "trainer/assets/tiny-llama"), "--split", "val"),
@@ -65,6 +67,71 @@ def test_eval_mistakes_are_one_line(lora_run, tmp_path):
     text.write_text("just some prose\n")
     assert_one_line_error(run_cli("eval", str(lora_run), "--data", str(text), timeout=300),
                           "has no record with a prompt and an answer")
+
+
+# A local lm-evaluation-harness task (the hub is out of reach here): which colour an unseen creature of the demo world
+# has, its six colours as choices, scored by log-likelihood.
+HARNESS_TASK = """\
+task: demo_facts_colour
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "### Instruction:\\n{{{{question}}}}\\n\\n### Response:\\n"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def _colour_task(directory):
+    records = [json.loads(line) for line in (REPO / "trainer/assets/demo-facts/val.jsonl").read_text().splitlines()]
+    facts = [m.groups() for r in records for m in [re.fullmatch(r"The (\w+) is (\w+)\.", r["output"])] if m]
+    colours = sorted({colour for _, colour in facts})
+    directory.mkdir()
+    docs = [{"question": f"What colour is the {name}?", "choices": [f"The {name} is {c}." for c in colours],
+             "answer": colours.index(colour)} for name, colour in facts]
+    (directory / "colour.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+    (directory / "demo_facts_colour.yaml").write_text(HARNESS_TASK.format(data=directory / "colour.jsonl"))
+    return directory
+
+
+def test_lm_evaluation_harness_runs_a_local_task_on_the_run_and_its_base(lora_run, tmp_path):
+    """The harness scores our model objects (the base, and the run's adapter on it) as it scores the same weights
+    it loads itself: the base model dir, and the run exported merged."""
+    pytest.importorskip("lm_eval")
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    tasks = _colour_task(tmp_path / "tasks")
+    out = tmp_path / "harness.json"
+    offline = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    result = run_cli("eval", str(lora_run), "--base-too", "--harness", "demo_facts_colour", "--harness-include",
+                     str(tasks), "--json", str(out), env=offline, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "lm-evaluation-harness: demo_facts_colour" in result.stdout
+    ours = {name: target["metrics"]["demo_facts_colour/acc"] for name, target in
+            json.loads(out.read_text())["targets"].items()}
+    assert set(ours) == {"base", "facts-lora"}
+    merged = tmp_path / "merged"
+    export = run_cli("export", str(lora_run), "--to", "merged", "--out", str(merged), "--dtype", "fp32")
+    assert export.returncode == 0, export.stderr[-2000:]
+    manager = TaskManager(include_path=str(tasks))
+    for name, path in (("base", REPO / "trainer/assets/tiny-llama"), ("facts-lora", merged)):
+        theirs = simple_evaluate(model="hf", model_args=f"pretrained={path},dtype=float32", tasks=["demo_facts_colour"],
+                                 task_manager=manager, device="cpu")["results"]["demo_facts_colour"]["acc,none"]
+        assert ours[name] == pytest.approx(theirs), name
+
+
+def test_harness_mistakes_are_one_line(lora_run):
+    pytest.importorskip("lm_eval")
+    assert_one_line_error(run_cli("eval", str(lora_run), "--harness", "hellaswagg", timeout=300),
+                          "'hellaswagg' is no lm-evaluation-harness task", "did you mean hellaswag?")
+    assert_one_line_error(run_cli("eval", str(lora_run), "--harness", "x", "--harness-include", "/nonexistent"),
+                          "--harness-include '/nonexistent' is not a directory")
 
 
 def test_a_run_is_scored_on_the_test_split_its_training_held_out(tmp_path):
