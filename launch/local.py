@@ -108,9 +108,11 @@ def _wait_for_workers(run_dir: str, whose: str) -> None:
     """Workers outlive a torchrun or a launcher that was killed (SIGKILL): they got SIGTERM from the kernel
     (trainer/worker.py) and are saving a checkpoint. This process holds the run dir's lock, so it returns only once
     they are gone: after its own torchrun, and before it starts workers of its own."""
-    from trainer.worker import is_worker_alive, recorded_pids
+    from trainer.worker import is_worker_alive, recorded_pids, running_workers
 
-    alive = [pid for pid in recorded_pids(run_dir) if is_worker_alive(pid, run_dir)]
+    # Recorded pids, and workers still starting that have not recorded theirs yet.
+    alive = sorted({pid for pid in recorded_pids(run_dir) if is_worker_alive(pid, run_dir)} |
+                   set(running_workers(run_dir)))
     if alive:
         sys.stderr.write(f"[trainer] waiting for {len(alive)} workers {whose} to checkpoint and exit "
                          f"(pids {' '.join(map(str, alive))})\n")

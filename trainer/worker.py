@@ -60,6 +60,27 @@ def recorded_pids(run_dir: str) -> list[int]:
     return pids
 
 
+def running_workers(run_dir: str) -> list[int]:
+    """Every live trainer.worker of RUN_DIR, found in /proc (also one that has not recorded its pid yet): the
+    process whose arguments run the module, not a launcher (torchrun agent, deepspeed) that names it for its
+    children."""
+    found = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                args = fh.read().split(b"\0")
+        except OSError:
+            continue
+        runs_module = any(a == b"-m" and b == b"trainer.worker" for a, b in zip(args, args[1:]))
+        launcher = any(b"launch.agent" in a or b"torch.distributed.run" in a or a.endswith(b"deepspeed")
+                       for a in args)
+        if runs_module and not launcher and os.fsencode(run_dir) in args and is_worker_alive(int(entry), run_dir):
+            found.append(int(entry))
+    return found
+
+
 def is_worker_alive(pid: int, run_dir: str | None = None) -> bool:
     """The pid is a trainer.worker (of RUN_DIR, when given: not a process that reused the pid) that has not exited
     (zombies excluded; a stopped one is alive)."""
@@ -74,7 +95,17 @@ def is_worker_alive(pid: int, run_dir: str | None = None) -> bool:
         return False
 
 
-def _stop_with_parent() -> None:
+def launcher_alive(run_dir: str) -> bool:
+    """The parent is still this run's launcher (torchrun's agent, deepspeed's launch; both name the run dir): not the
+    init process or a subreaper that adopted an orphan. Where /proc is missing, assumed alive."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as fh:
+            return os.fsencode(run_dir) in fh.read()
+    except OSError:
+        return not os.path.isdir("/proc")
+
+
+def _stop_with_parent(run_dir: str) -> None:
     """SIGTERM (a preemption request: checkpoint and stop) when the process that started this worker dies, even by
     SIGKILL: torchrun starts workers in sessions of their own and never tells them it is gone, so without this they
     would train on, unlocked, beside the next job on the run dir (Linux; elsewhere a no-op)."""
@@ -85,8 +116,38 @@ def _stop_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         return
-    if os.getppid() == 1:  # the parent died before the prctl: nothing would ever signal us
+    if not launcher_alive(run_dir):  # it died before the prctl: nothing would ever signal us
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _leave_if_orphaned_during_start_up(run_dir: str, rank: int) -> None:
+    """torchrun hosts the store through which the workers form their process group: if it dies before the group
+    exists, they would wait for it until the group's timeout (30 minutes). Until then a worker whose launcher is
+    gone records a stop with nothing to save and exits; once the group exists, a launcher's death is a preemption
+    request like any other (the workers checkpoint at the next step boundary)."""
+    import threading
+    import time
+
+    from trainer.errors import EXIT_REQUEUE
+
+    def group_formed() -> bool:
+        distributed = sys.modules.get("torch.distributed")
+        try:  # the main thread may be importing it right now: a half-initialised module lacks these functions
+            return distributed is not None and distributed.is_available() and distributed.is_initialized()
+        except Exception:  # noqa: BLE001  (not yet formed, whatever the half-imported module says)
+            return False
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if group_formed():
+                return
+            if not launcher_alive(run_dir):
+                record_failure(run_dir, rank, EXIT_REQUEUE, "the launcher died while the workers were starting: "
+                               "stopped before training started, nothing to save; run the same command again")
+                os._exit(EXIT_REQUEUE)
+
+    threading.Thread(target=watch, name="orphan-at-start-up", daemon=True).start()
 
 
 def main(argv: list[str]) -> int:
@@ -103,7 +164,8 @@ def main(argv: list[str]) -> int:
     run_dir = args[0]
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
     record_pid(run_dir, rank)
-    _stop_with_parent()
+    _stop_with_parent(run_dir)
+    _leave_if_orphaned_during_start_up(run_dir, rank)
     from trainer.config.frozen import load_frozen
     from trainer.recipe import run_training
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,12 @@ def _records(run_dir: Path) -> list[dict]:
 
 def _committed(run_dir: Path) -> list[str]:
     return sorted(p.parent.name for p in (run_dir / "checkpoints").glob("step-*/COMMITTED"))
+
+
+def _files(directory: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `directory`: relative path -> (size, crc32)."""
+    return {str(p.relative_to(directory)): (p.stat().st_size, zlib.crc32(p.read_bytes()))
+            for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 # ---------------------------------------------------------------------------------------------- SIGKILL
@@ -108,12 +115,22 @@ def test_damaged_newest_checkpoints_are_skipped_with_a_warning_and_resume_is_exa
     with open(truncated, "r+b") as fh:
         fh.truncate(truncated.stat().st_size // 2)
 
+    damaged = {name: _files(run_dir / "checkpoints" / name) for name in ("step-000005", "step-000006")}
+
     result = _train(run_dir, *overrides)
     assert "skipping checkpoint" in result.stderr and "step-000006: state/__0_0.distcp fails its crc32" in result.stderr
     assert "step-000005: state/__0_0.distcp has" in result.stderr and "truncated" in result.stderr
     assert "resumed from" in result.stderr and "step-000004 at step 4" in result.stderr
     resumed = train_losses(run_dir)
     assert resumed == expected  # steps 5 and 6 again, identical
+    # The damaged checkpoints were not superseded by older ones: set aside whole, byte for byte, never deleted
+    # (and the new steps 5 and 6 took their places beside the untouched 1-4).
+    aside = run_dir / "checkpoints-set-aside"
+    assert sorted(p.name for p in aside.iterdir()) == sorted(damaged), list(aside.iterdir())
+    for name, files in damaged.items():
+        assert _files(aside / name) == files, name
+        assert f"set {run_dir / 'checkpoints' / name} aside as {aside / name}" in result.stderr, result.stderr[-3000:]
+    assert _committed(run_dir) == [f"step-{s:06d}" for s in range(1, 7)]
 
 
 def test_resume_from_an_uncommitted_checkpoint_path_is_a_one_line_error(tmp_path):
