@@ -102,6 +102,22 @@ def test_dpo_resumes_exactly_from_a_checkpoint_with_its_recorded_reference(tmp_p
     assert train_losses(run_dir) == expected
 
 
+def test_dpo_fine_tunes_every_weight_without_peft_against_its_recorded_reference(tmp_path):
+    """Full fine-tuning DPO: the reference is the whole starting model, still one pass and no second copy; every
+    weight may move, and final/ is a whole model."""
+    run_dir = tmp_path / "full"
+    fast = [arg for arg in FAST if not arg.startswith("peft.")]
+    result = run_cli("train", f"run.dir={run_dir}", *fast, "objective.name=dpo", "peft=none", "optim.lr=1e-5",
+                     timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "reference log-probs of" in result.stderr and (run_dir / "reference_logps.safetensors").is_file()
+    steps = [r for r in read_metrics(run_dir) if "loss" in r]
+    assert steps[0]["loss"] == pytest.approx(0.6931472, rel=1e-4)  # the reference is the starting policy
+    assert steps[-1]["reward_margin"] != 0
+    config = json.loads((run_dir / "final" / "config.json").read_text())
+    assert config["model_type"] == "llama" and not (run_dir / "final" / "adapter_config.json").exists()
+
+
 def test_dpo_adapter_exports_merged_and_gguf_like_an_sft_one(tmp_path):
     run_dir = tmp_path / "run"
     _train(run_dir, "train.max_steps=2")

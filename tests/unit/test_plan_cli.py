@@ -284,3 +284,17 @@ def test_every_cheap_knob_the_plan_shows_is_a_setting_train_accepts(strategy):
     for knob in knobs:
         config = compose_config(*overrides, *knob["overrides"], "model.path=null", "model.init=random")
         check_peft_optim_strategy(config)
+
+
+def test_a_preference_objective_is_planned_as_two_rows_per_pair_without_a_reference_model():
+    """docs/preference.md: a micro batch of m pairs is 2m rows (activations and logits double), and no second
+    model is held (the weights stay those of SFT): its log-probs are computed once before step 1. The logits term
+    stays: the chunked loss holds one chunk of logits however many rows there are."""
+    common = ("model=llama-3.1-8b", "peft=lora", "data.max_seq_len=2048", "train.micro_batch_size=1",
+              "train.gradient_checkpointing=true", "hardware.gpu_memory_gb=80")
+    sft = plan_json(*common)["configured"]["bytes_per_gpu"]
+    report = plan_json(*common, "objective.name=dpo")
+    dpo = report["configured"]["bytes_per_gpu"]
+    assert dpo["activations"] == 2 * sft["activations"] and dpo["logits"] == sft["logits"]
+    assert dpo["weights"] == sft["weights"] and dpo["optimizer"] == sft["optimizer"]
+    assert any("2 rows, planned as such; no reference model is held" in note for note in report["notes"]), report
