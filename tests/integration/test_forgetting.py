@@ -64,6 +64,13 @@ def test_bad_forgetting_settings_are_one_line(override, fragments, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_the_demo_with_replay_keeps_the_demo_and_adds_its_replay_and_epochs(tmp_path):
+    config = compose_config(f"run.dir={tmp_path}", "experiment=demo-replay")
+    assert config.data.replay.path.endswith("demo-facts/replay.txt") and config.data.replay.ratio == 0.2
+    assert config.train.epochs == 10 and config.optim.lr == 1e-3 and config.data.max_seq_len == 104
+    assert config.eval.forgetting_path.endswith("demo-facts/general.txt") and config.eval.generate_samples == 60
+
+
 def test_the_weight_penalties_are_refused_where_weights_are_sharded(tmp_path):
     result = run_cli("train", f"run.dir={tmp_path / 'run'}", "regularize.l2_lambda=1", "strategy=fsdp", timeout=60)
     assert_one_line_error(result, "regularize.l2_lambda", "strategy=single or ddp")

@@ -1,5 +1,6 @@
 """EWC and L2 towards the starting weights (trainer/regularize.py): the penalty is zero where training starts, its
-gradient is the analytic one, and the Fisher is the mean of per-sample squared gradients, on any number of ranks."""
+gradient is the analytic one, and the Fisher is the mean of per-sample squared gradients (two DDP ranks against one
+process: tests/distributed/test_strategies.py)."""
 
 from __future__ import annotations
 
@@ -10,21 +11,14 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from tests.unit.test_chunked_loss import tiny_model  # noqa: E402
 from trainer.data.encode import IGNORE_INDEX, EncodedSample  # noqa: E402
 from trainer.objectives.sft import SFTObjective  # noqa: E402
 from trainer.regularize import WeightAnchor, estimate_fisher  # noqa: E402
-from trainer.replicas import shrink  # noqa: E402
 
 
 def tiny_llama():
-    config = {**shrink("llama-3.1"), "vocab_size": 300, "pad_token_id": 0}
-    config.pop("architectures", None)
-    model_type = config.pop("model_type")
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(
-        transformers.AutoConfig.for_model(model_type, **config), dtype=torch.float32, attn_implementation="eager")
-    model.config.use_cache = False
-    return model
+    return tiny_model("llama-3.1", vocab_size=300)
 
 
 def rows(count: int = 3):
@@ -60,7 +54,7 @@ def test_the_penalty_is_zero_at_the_start_and_its_gradient_is_the_analytic_one()
         expected = 40.0 * fisher[name] * delta + 0.5 * delta
         torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-9)
     expected_ewc = 20.0 * sum(float((fisher[n] * (p.detach() - start[n]) ** 2).sum()) for n, p in params.items())
-    assert float(terms["ewc_penalty"]) == pytest.approx(expected_ewc, rel=1e-5)
+    assert float(terms["ewc_penalty"].detach()) == pytest.approx(expected_ewc, rel=1e-5)
 
 
 def test_the_fisher_is_the_mean_of_per_sample_squared_gradients_of_the_mean_token_loss():

@@ -141,7 +141,9 @@ class ReplayConfig:
 
     path: Optional[str] = None  # a file, glob, directory or dataset in any data format; null: no replay
     format: str = "text"  # its format (as data.format)
-    ratio: float = 0.1  # share of each epoch's training samples drawn from it (its records repeat if there are few)
+    # share of each epoch's training samples drawn from it (its records repeat if there are few); 0.2 from the demo's
+    # sweep (docs/forgetting.md)
+    ratio: float = 0.2
 
 
 @dataclass
