@@ -40,7 +40,7 @@ commands:
   eval SOURCE --data FILE|--split val|test [--adapter NAME=PATH ...] [--base-too] [--json FILE]
                         score a model, adapter or run (and others beside it) on a data file or the run's held-out
                         split: loss, perplexity, exact match, token F1, BLEU, ROUGE-1/2/L, time to first token,
-                        decoding tokens/s
+                        decoding tokens/s; --harness TASK: lm-evaluation-harness tasks on the same models
 
 Run `trainer <command> --help` for a command's options. Config groups and keys: README.md.
 """
