@@ -51,8 +51,8 @@ def check_harness(tasks: list[str], include: str | None):
 
 def run_harness(model, tokenizer, names: list[str], base_too: bool, tasks: list[str], manager, limit: int,
                 batch_size: int) -> dict[str, dict[str, float]]:
-    """{target: {"TASK/METRIC": value}} for the base (when asked, or alone) and each adapter; stderr columns left
-    out of the table (they stay in the harness's own results)."""
+    """{target: {"TASK/METRIC[/FILTER]": value}} for the base (when asked, or alone) and each adapter; the stderr
+    columns are left out."""
     import torch
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -72,8 +72,15 @@ def run_harness(model, tokenizer, names: list[str], base_too: bool, tasks: list[
         with context:
             out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit or None,
                                   log_samples=False)
-        results[target] = {f"{task}/{metric.split(',')[0]}": float(value)
+        results[target] = {metric_name(task, metric): float(value)
                            for task, metrics in out["results"].items() for metric, value in metrics.items()
                            if isinstance(value, (int, float)) and not isinstance(value, bool)
                            and "stderr" not in metric and metric != "sample_len"}
     return results
+
+
+def metric_name(task: str, metric: str) -> str:
+    """TASK/METRIC, and /FILTER where the harness names one (gsm8k's exact_match,strict-match and
+    exact_match,flexible-extract are two figures)."""
+    name, _, applied = metric.partition(",")
+    return f"{task}/{name}" if applied in ("", "none") else f"{task}/{name}/{applied}"

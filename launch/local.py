@@ -62,15 +62,15 @@ def run_local(config: Config) -> int:
         raise WorkerFailed(EXIT_REQUEUE, f"{watcher.reason} before training started: stopped with nothing to save; "
                            "run the same command again to start")
     launcher = config.launcher
+    # The lock this process holds died with the previous launcher, but its workers may still be saving: never train
+    # beside them (nor delete their records).
+    _wait_for_workers(config.run.dir, "of an earlier launcher on this run dir", watcher)
     # One rank of `single` runs in this process; other strategies need a process group, which torchrun sets up.
     if launcher.world_size == 1 and launcher.backend == "torchrun" and config.strategy.name == "single":
         from trainer.recipe import run_training
 
         return run_training(config)
     status_dir = os.path.join(config.run.dir, STATUS_DIR)
-    # The lock this process holds died with the previous launcher, but its workers may still be saving: never start
-    # beside them (nor delete their records).
-    _wait_for_workers(config.run.dir, "of an earlier launcher on this run dir")
     shutil.rmtree(status_dir, ignore_errors=True)
     os.makedirs(status_dir, exist_ok=True)
     env = worker_environment()
@@ -83,6 +83,7 @@ def run_local(config: Config) -> int:
     # A session of its own: a terminal's Ctrl-C reaches this process only, which asks the workers to checkpoint.
     agent = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent, start_new_session=True)
     returncode = agent.wait()
+    # Uninterrupted: a signal here is what stopped the run, and they are saving its checkpoint.
     _wait_for_workers(config.run.dir, "that outlived their launcher")
     if returncode == 0:
         return 0
@@ -104,10 +105,11 @@ def run_local(config: Config) -> int:
                        "crashed before it could report; see the output above)")
 
 
-def _wait_for_workers(run_dir: str, whose: str) -> None:
+def _wait_for_workers(run_dir: str, whose: str, watcher=None) -> None:
     """Workers outlive a torchrun or a launcher that was killed (SIGKILL): they got SIGTERM from the kernel
     (trainer/worker.py) and are saving a checkpoint. This process holds the run dir's lock, so it returns only once
-    they are gone: after its own torchrun, and before it starts workers of its own."""
+    they are gone: after its own torchrun, and before it trains or starts workers of its own (there, given the
+    `watcher`, a signal to this process such as Ctrl-C ends the wait: exit 85, leaving them to finish)."""
     from trainer.worker import is_worker_alive, recorded_pids, running_workers
 
     # Recorded pids, and workers still starting that have not recorded theirs yet.
@@ -117,6 +119,10 @@ def _wait_for_workers(run_dir: str, whose: str) -> None:
         sys.stderr.write(f"[trainer] waiting for {len(alive)} workers {whose} to checkpoint and exit "
                          f"(pids {' '.join(map(str, alive))})\n")
     while alive:
+        if watcher is not None and watcher.reason:
+            raise WorkerFailed(EXIT_REQUEUE, f"{watcher.reason} while waiting for workers {whose} (pids "
+                               f"{' '.join(map(str, alive))}): they are still saving; run the same command again "
+                               "once they have exited (or kill them)")
         time.sleep(0.2)
         alive = [pid for pid in alive if is_worker_alive(pid, run_dir)]
 

@@ -223,10 +223,13 @@ def main(argv: list[str]) -> int:
     if not (args.data or args.split or args.harness):
         raise UserError("eval: give --data FILE, --split val|test or --harness TASK")
     harness = None
+    if args.harness_include and not args.harness:
+        raise UserError("eval: --harness-include adds task definitions for --harness TASK; name the task too")
     if args.harness:  # the package and task names checked before any model loads
         from launch.harness import check_harness, parse_tasks
 
-        harness = parse_tasks(args.harness), check_harness(parse_tasks(args.harness), args.harness_include)
+        tasks = parse_tasks(args.harness)
+        harness = tasks, check_harness(tasks, args.harness_include)
     examples = None
     if args.split:
         examples, formats = read_split(args.source, args.split, args.max_samples)

@@ -160,9 +160,11 @@ def _remove_if_empty(path: str) -> None:
 
 # Hydra's options and how many values each takes. Its parser ends the overrides at the first option, so in
 # `trainer train my.yaml -m optim.lr=1e-3,2e-3` (the file's overrides, then -m) the sweep's values went unparsed.
-_HYDRA_OPTIONS = {"-m": 0, "--multirun": 0, "--resolve": 0, "-h": 0, "--help": 0, "--hydra-help": 0, "-cd": 1,
-                  "--config-dir": 1, "-cn": 1, "--config-name": 1, "-cp": 1, "--config-path": 1, "--cfg": 1, "-c": 1,
-                  "-p": 1, "--package": 1}
+# (--info takes an optional value: give it as --info=config.)
+_HYDRA_OPTIONS = {"-m": 0, "--multirun": 0, "-r": 0, "--run": 0, "--resolve": 0, "-h": 0, "--help": 0,
+                  "--hydra-help": 0, "--version": 0, "-i": 0, "--info": 0, "-cd": 1, "--config-dir": 1, "-cn": 1,
+                  "--config-name": 1, "-cp": 1, "--config-path": 1, "--cfg": 1, "-c": 1, "-p": 1, "--package": 1,
+                  "-sc": 1, "--shell-completion": 1, "--experimental-rerun": 1}
 
 
 def options_first(argv: list[str]) -> list[str]:
@@ -171,7 +173,7 @@ def options_first(argv: list[str]) -> list[str]:
     index = 0
     while index < len(argv):
         arg = argv[index]
-        arity = _HYDRA_OPTIONS.get(arg.split("=", 1)[0] if arg.startswith("--") else arg)
+        arity = _HYDRA_OPTIONS.get(arg.split("=", 1)[0]) if arg.startswith("-") else None
         if arity is None:
             overrides.append(arg)
             index += 1

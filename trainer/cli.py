@@ -37,7 +37,7 @@ commands:
                         for llama.cpp: a LoRA adapter (--lora FILE) or the (merged) model as one GGUF file
   generate SOURCE [PROMPT ...] [--adapter NAME=PATH ...] [--prompts FILE]
                         greedy answers from a model or run, switching between several adapters on one base
-  eval SOURCE --data FILE|--split val|test [--adapter NAME=PATH ...] [--base-too] [--json FILE]
+  eval SOURCE --data FILE|--split val|test|--harness TASK [--adapter NAME=PATH ...] [--base-too] [--json FILE]
                         score a model, adapter or run (and others beside it) on a data file or the run's held-out
                         split: loss, perplexity, exact match, token F1, BLEU, ROUGE-1/2/L, time to first token,
                         decoding tokens/s; --harness TASK: lm-evaluation-harness tasks on the same models

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -112,6 +113,8 @@ class PreemptionWatcher:
 
 
 _WATCHER: PreemptionWatcher | None = None
+# Set when the training loop begins: before it a worker whose launcher died has nothing to save (trainer/worker.py).
+TRAINING_STARTED = threading.Event()
 
 
 def watch(signals=PREEMPTION_SIGNALS) -> PreemptionWatcher:

@@ -137,15 +137,13 @@ class Recipe:
         self.preemption = watch()
         checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint, self.strategy, log=self.logger.info)
         configured = self._optimizer_settings()
-        from trainer.regularize import build_anchor
-
         if checkpoints.resume(cfg.resume, self) is None:
             self._prepare_reference(resumed=False)
-            self.anchor = build_anchor(self, resumed=False)
+            self._prepare_anchor(resumed=False)
             self.state.eval_before = self._evaluate_unless_preempted(step=0) or {}
         else:
             self._prepare_reference(resumed=True)
-            self.anchor = build_anchor(self, resumed=True)
+            self._prepare_anchor(resumed=True)
             self._apply_optimizer_settings(configured)
         self.logger.info(f"training {self.total_steps} steps: global batch {cfg.train.global_batch_size} = micro "
                          f"{cfg.train.micro_batch_size} x {self.strategy.world_size} ranks x "
@@ -156,6 +154,9 @@ class Recipe:
 
         profiler = StepProfiler(cfg.logger.profile_steps, self.run_dir, self.strategy.rank, self.strategy.device,
                                 log=self.logger.info)
+        from trainer.preemption import TRAINING_STARTED
+
+        TRAINING_STARTED.set()
         try:
             status, saved_step = self._loop(cfg, checkpoints, throughput, profiler)
         finally:
@@ -242,6 +243,19 @@ class Recipe:
         unit = "answers" if self.objective.method == "kto" else "pairs"
         self.logger.info(f"reference log-probs of {len(self.data.train):,} training and {len(self.data.val_pairs):,} "
                          f"validation {unit}: {time.perf_counter() - started:.1f} s ({FILE})")
+
+    def _prepare_anchor(self, resumed: bool) -> None:
+        """regularize: the weights the EWC / L2 penalties hold the model near, and their Fisher information."""
+        from trainer.forgetting import general_rows
+        from trainer.regularize import build_anchor, fisher_source
+
+        cfg = self.config
+        path, data_format = fisher_source(cfg.regularize, cfg.data.replay)
+        self.anchor = build_anchor(
+            cfg.regularize, self.strategy.unwrap(self.model), self.optimizer, self.strategy, self.objective,
+            fisher_rows=lambda: general_rows(cfg, self.tokenizer, path, data_format, cfg.regularize.fisher_samples),
+            fisher_path=path, pad_id=self.tokenizer.pad_token_id, run_dir=self.run_dir, log=self.logger.info,
+            resumed=resumed)
 
     def _evaluate_unless_preempted(self, step: int) -> dict | None:
         """An evaluation that a preemption request stops between batches (None then): its metrics are dropped and

@@ -100,15 +100,19 @@ def estimate_fisher(model, params: dict, rows: list, strategy, objective, pad_id
     return sums
 
 
-def build_anchor(recipe, resumed: bool) -> WeightAnchor | None:
-    """The run's anchor: computed before step 1 (and saved), or loaded on resume; None when regularize is off."""
-    cfg = recipe.config
-    reg = cfg.regularize
+def fisher_source(reg, replay) -> tuple[str | None, str]:
+    """(path, format) of the general data the Fisher is estimated on: regularize.fisher_path, else data.replay's."""
+    return (reg.fisher_path, reg.fisher_format) if reg.fisher_path else (replay.path, replay.format)
+
+
+def build_anchor(reg, model, optimizer, strategy, objective, *, fisher_rows, fisher_path: str | None, pad_id: int,
+                 run_dir: str, log, resumed: bool) -> WeightAnchor | None:
+    """The run's anchor (`reg`: the regularize section): computed before step 1 and saved, or loaded on resume;
+    None when regularize is off. `model` is the unwrapped model; `fisher_rows()` tokenises the Fisher's data."""
     if not reg.active:
         return None
-    model = recipe.strategy.unwrap(recipe.model)
-    params = anchored_parameters(model, recipe.optimizer)
-    path = os.path.join(recipe.run_dir, FILE)
+    params = anchored_parameters(model, optimizer)
+    path = os.path.join(run_dir, FILE)
     if resumed:
         return WeightAnchor(params, *_load(path, params, reg.ewc_lambda > 0), reg.ewc_lambda, reg.l2_lambda)
     started = time.perf_counter()
@@ -116,26 +120,22 @@ def build_anchor(recipe, resumed: bool) -> WeightAnchor | None:
     fisher = None
     lines = []
     if reg.ewc_lambda > 0:
-        from trainer.forgetting import general_rows
-
-        data_path = reg.fisher_path or cfg.data.replay.path
-        data_format = reg.fisher_format if reg.fisher_path else cfg.data.replay.format
-        rows = general_rows(cfg, recipe.tokenizer, data_path, data_format, reg.fisher_samples)
+        rows = fisher_rows()
         if not rows:
-            raise ConfigError("regularize.fisher_path", f"{data_path!r} has no usable record to estimate the Fisher "
+            raise ConfigError("regularize.fisher_path", f"{fisher_path!r} has no usable record to estimate the Fisher "
                               "information on")
-        fisher = estimate_fisher(model, params, rows, recipe.strategy, recipe.objective, recipe.tokenizer.pad_token_id)
+        fisher = estimate_fisher(model, params, rows, strategy, objective, pad_id)
         mean = sum(float(f.sum()) for f in fisher.values()) / max(sum(f.numel() for f in fisher.values()), 1)
-        lines.append(f"EWC lambda {reg.ewc_lambda:g}, Fisher over {len(rows)} records of {data_path} "
+        lines.append(f"EWC lambda {reg.ewc_lambda:g}, Fisher over {len(rows)} records of {fisher_path} "
                      f"(mean {mean:.3g})")
     if reg.l2_lambda > 0:
         lines.append(f"L2 lambda {reg.l2_lambda:g}")
-    if recipe.strategy.is_main:
+    if strategy.is_main:
         _save(path, start, fisher)
-    recipe.strategy.barrier()
+    strategy.barrier()
     count = sum(p.numel() for p in params.values())
-    recipe.logger.info(f"regularize: {'; '.join(lines)}; {count:,} weights anchored at their values before step 1 "
-                       f"({time.perf_counter() - started:.1f} s, {FILE})")
+    log(f"regularize: {'; '.join(lines)}; {count:,} weights anchored at their values before step 1 "
+        f"({time.perf_counter() - started:.1f} s, {FILE})")
     return WeightAnchor(params, start, fisher, reg.ewc_lambda, reg.l2_lambda)
 
 

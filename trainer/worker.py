@@ -95,17 +95,13 @@ def is_worker_alive(pid: int, run_dir: str | None = None) -> bool:
         return False
 
 
-def launcher_alive(run_dir: str) -> bool:
-    """The parent is still this run's launcher (torchrun's agent, deepspeed's launch; both name the run dir): not the
-    init process or a subreaper that adopted an orphan. Where /proc is missing, assumed alive."""
-    try:
-        with open(f"/proc/{os.getppid()}/cmdline", "rb") as fh:
-            return os.fsencode(run_dir) in fh.read()
-    except OSError:
-        return not os.path.isdir("/proc")
+def launcher_alive(parent: int) -> bool:
+    """The process that started this worker (its pid taken first thing in main) is still its parent: an orphan is
+    adopted by the init process or a subreaper. Any launcher counts: torchrun, deepspeed, srun's slurmstepd."""
+    return os.getppid() == parent
 
 
-def _stop_with_parent(run_dir: str) -> None:
+def _stop_with_parent(parent: int) -> None:
     """SIGTERM (a preemption request: checkpoint and stop) when the process that started this worker dies, even by
     SIGKILL: torchrun starts workers in sessions of their own and never tells them it is gone, so without this they
     would train on, unlocked, beside the next job on the run dir (Linux; elsewhere a no-op)."""
@@ -116,33 +112,23 @@ def _stop_with_parent(run_dir: str) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         return
-    if not launcher_alive(run_dir):  # it died before the prctl: nothing would ever signal us
+    if not launcher_alive(parent):  # it died before the prctl: nothing would ever signal us
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _leave_if_orphaned_during_start_up(run_dir: str, rank: int) -> None:
-    """torchrun hosts the store through which the workers form their process group: if it dies before the group
-    exists, they would wait for it until the group's timeout (30 minutes). Until then a worker whose launcher is
-    gone records a stop with nothing to save and exits; once the group exists, a launcher's death is a preemption
-    request like any other (the workers checkpoint at the next step boundary)."""
+def _leave_if_orphaned_during_start_up(run_dir: str, rank: int, parent: int) -> None:
+    """torchrun hosts the store through which the workers form their process group (NCCL: at the first
+    collective): if it dies while they start, they would wait for it until the group's timeout (30 minutes). Until
+    the training loop begins, a worker whose launcher is gone records a stop with nothing to save and exits; from
+    then on, a launcher's death is a preemption request like any other (a checkpoint at the next step boundary)."""
     import threading
-    import time
 
     from trainer.errors import EXIT_REQUEUE
-
-    def group_formed() -> bool:
-        distributed = sys.modules.get("torch.distributed")
-        try:  # the main thread may be importing it right now: a half-initialised module lacks these functions
-            return distributed is not None and distributed.is_available() and distributed.is_initialized()
-        except Exception:  # noqa: BLE001  (not yet formed, whatever the half-imported module says)
-            return False
+    from trainer.preemption import TRAINING_STARTED
 
     def watch() -> None:
-        while True:
-            time.sleep(0.5)
-            if group_formed():
-                return
-            if not launcher_alive(run_dir):
+        while not TRAINING_STARTED.wait(0.5):
+            if not launcher_alive(parent):
                 record_failure(run_dir, rank, EXIT_REQUEUE, "the launcher died while the workers were starting: "
                                "stopped before training started, nothing to save; run the same command again")
                 os._exit(EXIT_REQUEUE)
@@ -151,6 +137,7 @@ def _leave_if_orphaned_during_start_up(run_dir: str, rank: int) -> None:
 
 
 def main(argv: list[str]) -> int:
+    parent = os.getppid()  # the launcher, taken before anything else: a later change means it died
     from trainer.preemption import watch
 
     watch()  # first: from here on a preemption signal only sets a flag, whatever the worker is doing
@@ -164,8 +151,8 @@ def main(argv: list[str]) -> int:
     run_dir = args[0]
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
     record_pid(run_dir, rank)
-    _stop_with_parent(run_dir)
-    _leave_if_orphaned_during_start_up(run_dir, rank)
+    _stop_with_parent(parent)
+    _leave_if_orphaned_during_start_up(run_dir, rank, parent)
     from trainer.config.frozen import load_frozen
     from trainer.recipe import run_training
 

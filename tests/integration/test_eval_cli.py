@@ -132,6 +132,15 @@ def test_harness_mistakes_are_one_line(lora_run):
                           "'hellaswagg' is no lm-evaluation-harness task", "did you mean hellaswag?")
     assert_one_line_error(run_cli("eval", str(lora_run), "--harness", "x", "--harness-include", "/nonexistent"),
                           "--harness-include '/nonexistent' is not a directory")
+    assert_one_line_error(run_cli("eval", str(lora_run), "--harness-include", str(lora_run)),
+                          "--harness-include adds task definitions for --harness TASK")
+
+
+def test_harness_metrics_keep_the_filter_they_were_taken_with():
+    from launch.harness import metric_name
+
+    assert metric_name("arc_easy", "acc,none") == "arc_easy/acc"
+    assert metric_name("gsm8k", "exact_match,strict-match") != metric_name("gsm8k", "exact_match,flexible-extract")
 
 
 def test_a_run_is_scored_on_the_test_split_its_training_held_out(tmp_path):

@@ -231,8 +231,9 @@ def _looks_like_hub_id(path: str) -> bool:
         "TRAINER_OFFLINE")
 
 
-# The penalty needs every trainable weight whole on each rank (trainer/regularize.py).
-REGULARIZE_STRATEGIES = ("single", "ddp")
+# The penalty needs every trainable weight whole on each rank (trainer/regularize.py); strategy=auto is checked
+# again once resolved (launch/auto_strategy.py).
+REGULARIZE_STRATEGIES = ("single", "ddp", "auto")
 
 
 def _check_regularize(config: Config) -> None:
@@ -244,7 +245,7 @@ def _check_regularize(config: Config) -> None:
     key = "regularize.ewc_lambda" if reg.ewc_lambda > 0 else "regularize.l2_lambda"
     if config.strategy.name not in REGULARIZE_STRATEGIES:
         raise ConfigError(key, f"the penalty needs every trainable weight whole on each rank: use strategy=single or "
-                          f"ddp (got {config.strategy.name}), or data.replay against forgetting")
+                          f"ddp (strategy {config.strategy.name} shards them), or data.replay against forgetting")
     if config.objective.name != "sft":
         raise ConfigError(key, f"the penalty is for supervised fine-tuning; objective.name={config.objective.name} "
                           "starts from the SFT model it aligns: leave regularize unset")
