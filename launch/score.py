@@ -220,11 +220,11 @@ def main(argv: list[str]) -> int:
     adapters = parse_adapters(args.adapter)
     if args.data and args.split:
         raise UserError("eval: give --data FILE or --split val|test, not both")
+    if args.harness_include and not args.harness:
+        raise UserError("eval: --harness-include adds task definitions for --harness TASK; name the task too")
     if not (args.data or args.split or args.harness):
         raise UserError("eval: give --data FILE, --split val|test or --harness TASK")
     harness = None
-    if args.harness_include and not args.harness:
-        raise UserError("eval: --harness-include adds task definitions for --harness TASK; name the task too")
     if args.harness:  # the package and task names checked before any model loads
         from launch.harness import check_harness, parse_tasks
 
