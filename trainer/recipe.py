@@ -68,6 +68,8 @@ class Recipe:
         from trainer.forgetting import build_forgetting_rows
 
         self.forgetting_rows = build_forgetting_rows(config, self.tokenizer)
+        # EWC's Fisher data, read now like the other data files so a bad record is refused before the model loads.
+        self.fisher_rows = self._fisher_rows()
         self.accumulation_steps = self._accumulation_steps()
         self.sampler = GlobalBatchSampler(len(self.data.train), config.train.global_batch_size, config.seed,
                                           config.data.shuffle, data_fingerprint=self.data.fingerprint,
@@ -244,18 +246,28 @@ class Recipe:
         self.logger.info(f"reference log-probs of {len(self.data.train):,} training and {len(self.data.val_pairs):,} "
                          f"validation {unit}: {time.perf_counter() - started:.1f} s ({FILE})")
 
+    def _fisher_rows(self) -> list:
+        """The records EWC estimates the Fisher information on (regularize.fisher_path, else data.replay's), tokenised
+        as training would; [] without EWC."""
+        from trainer.forgetting import general_rows
+        from trainer.regularize import fisher_source
+
+        reg = self.config.regularize
+        if not reg.ewc_lambda:
+            return []
+        path, data_format = fisher_source(reg, self.config.data.replay)
+        return general_rows(self.config, self.tokenizer, path, data_format, reg.fisher_samples)
+
     def _prepare_anchor(self, resumed: bool) -> None:
         """regularize: the weights the EWC / L2 penalties hold the model near, and their Fisher information."""
-        from trainer.forgetting import general_rows
         from trainer.regularize import build_anchor, fisher_source
 
         cfg = self.config
-        path, data_format = fisher_source(cfg.regularize, cfg.data.replay)
+        path, _ = fisher_source(cfg.regularize, cfg.data.replay)
         self.anchor = build_anchor(
             cfg.regularize, self.strategy.unwrap(self.model), self.optimizer, self.strategy, self.objective,
-            fisher_rows=lambda: general_rows(cfg, self.tokenizer, path, data_format, cfg.regularize.fisher_samples),
-            fisher_path=path, pad_id=self.tokenizer.pad_token_id, run_dir=self.run_dir, log=self.logger.info,
-            resumed=resumed)
+            fisher_rows=self.fisher_rows, fisher_path=path, pad_id=self.tokenizer.pad_token_id,
+            run_dir=self.run_dir, log=self.logger.info, resumed=resumed)
 
     def _evaluate_unless_preempted(self, step: int) -> dict | None:
         """An evaluation that a preemption request stops between batches (None then): its metrics are dropped and

@@ -105,10 +105,10 @@ def fisher_source(reg, replay) -> tuple[str | None, str]:
     return (reg.fisher_path, reg.fisher_format) if reg.fisher_path else (replay.path, replay.format)
 
 
-def build_anchor(reg, model, optimizer, strategy, objective, *, fisher_rows, fisher_path: str | None, pad_id: int,
-                 run_dir: str, log, resumed: bool) -> WeightAnchor | None:
+def build_anchor(reg, model, optimizer, strategy, objective, *, fisher_rows: list, fisher_path: str | None,
+                 pad_id: int, run_dir: str, log, resumed: bool) -> WeightAnchor | None:
     """The run's anchor (`reg`: the regularize section): computed before step 1 and saved, or loaded on resume;
-    None when regularize is off. `model` is the unwrapped model; `fisher_rows()` tokenises the Fisher's data."""
+    None when regularize is off. `model` is the unwrapped model; `fisher_rows` the Fisher's data, tokenised."""
     if not reg.active:
         return None
     params = anchored_parameters(model, optimizer)
@@ -120,7 +120,7 @@ def build_anchor(reg, model, optimizer, strategy, objective, *, fisher_rows, fis
     fisher = None
     lines = []
     if reg.ewc_lambda > 0:
-        rows = fisher_rows()
+        rows = fisher_rows
         if not rows:
             raise ConfigError("regularize.fisher_path", f"{fisher_path!r} has no usable record to estimate the Fisher "
                               "information on")

@@ -76,6 +76,20 @@ def test_the_weight_penalties_are_refused_where_weights_are_sharded(tmp_path):
     assert_one_line_error(result, "regularize.l2_lambda", "strategy=single or ddp")
 
 
+def test_a_bad_record_in_the_fisher_data_is_refused_before_the_model_loads(tmp_path):
+    bad = tmp_path / "general.jsonl"
+    bad.write_text('{"messages": [oops\n')
+    result = run_cli("train", f"run.dir={tmp_path / 'run'}", "regularize.ewc_lambda=10",
+                     f"regularize.fisher_path={bad}", "regularize.fisher_format=chat", timeout=300)
+    # Read with the other data files (after the training data's report line), before the model is built.
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert [line for line in lines if line.startswith("trainer:")] == [lines[-1]], lines
+    assert lines[-1].startswith("trainer: ") and f"{bad}:1: malformed JSON" in lines[-1], lines
+    assert "trainable parameters" not in result.stderr  # logged once the model is built
+    assert not (tmp_path / "run").exists()
+
+
 def test_max_forgetting_needs_data_to_watch(tmp_path):
     result = run_cli("train", f"run.dir={tmp_path / 'run'}", "eval.forgetting_path=null", "eval.max_forgetting=0.1",
                      timeout=60)
