@@ -8,8 +8,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 TEST_STAMP := $(VENV)/.test-installed
-# llama-cpp-python (the gguf-test extra, for the tests only: llama.cpp judges our GGUF files) ships only as an sdist
-# that compiles llama.cpp (about 10 minutes on 2 idle cores): its wheel is built once into this cache, outside the
+# llama-cpp-python (the gguf-test and serve extras: llama.cpp judges our GGUF files and serves them on CPU) ships
+# only as an sdist that compiles llama.cpp (about 10 minutes on 2 idle cores): its wheel is built once into this cache, outside the
 # clone, and later installs take it from there. Portable (no -march=native), without the multimodal library.
 WHEEL_CACHE ?= $(HOME)/.cache/trainer-wheels
 LLAMA_CPP_SPEC := llama-cpp-python==0.3.36
@@ -36,7 +36,7 @@ $(TEST_STAMP): $(STAMP)
 	mkdir -p $(WHEEL_CACHE)
 	ls $(WHEEL_CACHE)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" \
 		$(PY) -m pip wheel -q --no-deps -w $(WHEEL_CACHE) "$(LLAMA_CPP_SPEC)"
-	$(PY) -m pip install -q --find-links $(WHEEL_CACHE) -e ".[all,gguf-test,preference-test,harness]"
+	$(PY) -m pip install -q --find-links $(WHEEL_CACHE) -e ".[all,gguf-test,serve,serve-test,preference-test,harness]"
 	touch $(TEST_STAMP)
 
 demo: install

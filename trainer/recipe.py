@@ -525,6 +525,10 @@ def run_training(config: Config, on_exit_code=None) -> int:
     started = time.time()
     recipe = Recipe(config)
     try:
+        if recipe.strategy.is_main:  # what this run is made from, for `trainer register` (trainer/lineage.py)
+            from trainer.lineage import write_lineage
+
+            write_lineage(config.run.dir, config, recipe.data.fingerprint)
         summary = recipe.train()
         summary["wall_seconds"] = round(time.time() - started, 1)
         if recipe.strategy.is_main:
@@ -533,6 +537,8 @@ def run_training(config: Config, on_exit_code=None) -> int:
                 plot_loss_curve(os.path.join(config.run.dir, "metrics.jsonl"),
                                 os.path.join(config.run.dir, "loss_curve.png"), title=config.run.name)
             _print_result(recipe, summary)
+            if config.registry.auto and summary["status"] == "completed":
+                _register(config)
         # A preempted run checkpointed and asks to be requeued; resume=auto continues it from that checkpoint.
         code = {"preempted": EXIT_REQUEUE, "stopped_nonfinite": EXIT_STOPPED_NONFINITE}.get(summary["status"], 0)
         if code and on_exit_code is not None:
@@ -541,6 +547,29 @@ def run_training(config: Config, on_exit_code=None) -> int:
     finally:
         recipe.close()
     return code
+
+
+def _register(config: Config) -> None:
+    """registry.auto: the finished run as a new registered version. A gate that fails (or a registry that cannot
+    be reached) is reported, not raised: the run itself completed and its final/ is intact."""
+    from trainer.errors import UserError
+    from trainer.gate import parse_requirement
+    from trainer.registry import register_run, tracking_uri
+
+    uri = tracking_uri(config.registry.tracking_uri, config.paths.runs_dir)
+    name = config.registry.name or config.run.name
+    try:
+        done = register_run(config.run.dir, name, uri, aliases=list(config.registry.aliases),
+                            requirements=[parse_requirement(text) for text in config.registry.require])
+    except UserError as err:
+        print(f"registry.auto: {err}", flush=True)
+        return
+    except Exception as err:  # noqa: BLE001 -- a server that is down must not turn a finished run into a failure
+        print(f"registry.auto: not registered ({type(err).__name__}: {str(err).splitlines()[0]}); register the run "
+              f"later with `trainer register {config.run.dir} --name {name}`", flush=True)
+        return
+    aliases = f" (alias {', '.join(done.aliases)})" if done.aliases else ""
+    print(f"registered {done.name} version {done.version}{aliases} in {uri}", flush=True)
 
 
 def _stop_message(recipe: Recipe, summary: dict) -> str:

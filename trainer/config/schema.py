@@ -467,6 +467,28 @@ class RegularizeConfig:
 
 
 @dataclass
+class RegistryConfig:
+    """The model registry (MLflow; trainer/registry.py, docs/registry.md): where `trainer register` records a run's
+    result, and whether training registers it by itself when it completes."""
+
+    # an MLflow tracking URI (http://mlflow:5000, sqlite:///...) or a directory for an embedded store; null:
+    # MLFLOW_TRACKING_URI, else an embedded SQLite store in <paths.runs_dir>/registry
+    tracking_uri: Optional[str] = None
+    auto: bool = False  # register final/ as a new version when training completes (rank 0, after summary.json)
+    name: Optional[str] = None  # the registered model's name for auto (null: run.name)
+    aliases: List[str] = field(default_factory=list)  # aliases for an auto-registered version, e.g. [champion]
+    require: List[str] = field(default_factory=list)  # gates for auto, e.g. ["eval.exact_match>=0.6"]
+
+    def __post_init__(self) -> None:
+        from trainer.gate import FORM, is_requirement
+
+        for i, text in enumerate(self.require):
+            require(is_requirement(text), f"require.{i}", f"{text!r}: {FORM}")
+        require(self.name is None or (bool(self.name) and not any(c in self.name for c in "@/:")), "name",
+                f"{self.name!r}: a registered model name has no '@', '/' or ':'")
+
+
+@dataclass
 class CheckpointConfig:
     every_n_steps: int = 0  # save a checkpoint every N steps (0 disables)
     every_n_minutes: float = 0.0  # also save once this long since the last save (rank 0's clock decides; 0 disables)
@@ -566,6 +588,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     regularize: RegularizeConfig = field(default_factory=RegularizeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     launcher: Any = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)

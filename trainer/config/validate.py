@@ -15,7 +15,7 @@ from trainer.errors import ConfigError
 from trainer.remote_code import shipped_code
 
 SECTIONS = ("run", "model", "data", "peft", "strategy", "optim", "train", "objective", "eval", "regularize",
-            "checkpoint", "logger", "launcher", "paths", "hardware")
+            "checkpoint", "registry", "logger", "launcher", "paths", "hardware")
 
 
 def _omegaconf_error_to_config_error(err: Exception, section: str) -> ConfigError:
