@@ -15,10 +15,10 @@ def write_lora_adapter(adapter_dir: str, out_path: str, base_dir: str | None = N
     return write(adapter_dir, out_path, base_dir=base_dir, dtype=dtype)
 
 
-def write_model(model_dir: str, out_path: str, dtype: str = "f16") -> str:
+def write_model(model_dir: str, out_path: str, dtype: str = "f16", chat_template: str | None = None) -> str:
     from trainer.export_gguf.model import write_model as write
 
-    return write(model_dir, out_path, dtype=dtype)
+    return write(model_dir, out_path, dtype=dtype, chat_template=chat_template)
 
 
 __all__ = ["write_lora_adapter", "write_model"]

@@ -76,8 +76,9 @@ def _encode(array, dtype: str):
     return np.ascontiguousarray(array, dtype=np.float16), None
 
 
-def write_model(model_dir: str, out_path: str, dtype: str = "f16") -> str:
-    """Write the model in `model_dir` as a GGUF file at `out_path` (f16, q8_0 or f32 matrices)."""
+def write_model(model_dir: str, out_path: str, dtype: str = "f16", chat_template: str | None = None) -> str:
+    """Write the model in `model_dir` as a GGUF file at `out_path` (f16, q8_0 or f32 matrices); `chat_template`
+    (Jinja) replaces the tokenizer's own, for a model whose adapters were trained with another template."""
     import gguf
 
     if dtype not in DTYPES:
@@ -93,7 +94,7 @@ def write_model(model_dir: str, out_path: str, dtype: str = "f16") -> str:
         _add_hyperparameters(writer, config, family, os.path.basename(os.path.abspath(model_dir)), int(file_type))
         if dtype == "q8_0":
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        add_tokenizer(writer, model_dir, tokenizer, split, int(config["vocab_size"]))
+        add_tokenizer(writer, model_dir, tokenizer, split, int(config["vocab_size"]), chat_template)
         for name, array in iter_gguf_tensors(config, family, weights):
             data, raw_dtype = _encode(array, dtype)
             writer.add_tensor(name, data, raw_dtype=raw_dtype)

@@ -94,9 +94,10 @@ def _pre_tokenizer_name(path: str, steps: list[dict]) -> str:
                     f"(GPT-2's, Llama 3's or Qwen 2's): use llama.cpp's convert_hf_to_gguf.py")
 
 
-def add_tokenizer(writer, model_dir: str, spec: dict, split: dict, vocab_size: int) -> None:
+def add_tokenizer(writer, model_dir: str, spec: dict, split: dict, vocab_size: int,
+                  chat_template: str | None = None) -> None:
     """Tokens, types (and merges or scores), special ids and chat template from tokenizer.json /
-    tokenizer_config.json."""
+    tokenizer_config.json; `chat_template` replaces the tokenizer's own (a run trained with another template)."""
     import gguf
 
     model = spec["model"]
@@ -134,7 +135,7 @@ def add_tokenizer(writer, model_dir: str, spec: dict, split: dict, vocab_size: i
             add(ids[token])
     # Our data encoding puts BOS first whenever the tokenizer has one (trainer/data/encode.py).
     writer.add_add_bos_token(bool(tok_config.get("add_bos_token", _content(tok_config.get("bos_token")) in ids)))
-    template = _chat_template(model_dir, tok_config)
+    template = chat_template or _chat_template(model_dir, tok_config)
     if template:
         writer.add_chat_template(template)
 
