@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("vs_hf.py", "strategies.py", "packing.py", "checkpoint_io.py", "memory.py")
+BENCHMARKS = ("vs_hf.py", "strategies.py", "packing.py", "checkpoint_io.py", "memory.py", "serving.py")
 
 
 def main() -> int:

@@ -68,6 +68,29 @@ def _run_tracking_uri(run_dir: str, explicit: str | None) -> str:
     return tracking_uri(explicit or os.environ.get("MLFLOW_TRACKING_URI") or configured, runs_dir)
 
 
+def _registry_errors(command):
+    """An MLflow store that cannot be reached or refuses a request: one line naming it, not a traceback."""
+    import functools
+
+    @functools.wraps(command)
+    def wrapped(argv: list[str]) -> int:
+        try:
+            return command(argv)
+        except UserError:
+            raise
+        except Exception as err:  # noqa: BLE001 -- sorted below: only MLflow's and the network's become one line
+            from mlflow.exceptions import MlflowException
+            from requests.exceptions import RequestException
+
+            if not isinstance(err, (MlflowException, RequestException)):
+                raise
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"registry: {message[:300]} (check --tracking-uri / MLFLOW_TRACKING_URI and that the "
+                            "MLflow server is up)") from None
+    return wrapped
+
+
+@_registry_errors
 def register_main(argv: list[str]) -> int:
     from trainer.gate import parse_requirement
 
@@ -76,14 +99,14 @@ def register_main(argv: list[str]) -> int:
     if not os.path.isdir(args.run):
         raise UserError(f"register: {args.run!r} is not a run dir")
     _check_name(args.name, "--name")
-    from trainer.registry import register_run
+    from trainer.registry import register_run, shown_uri
 
     uri = _run_tracking_uri(args.run, args.tracking_uri)
     done = register_run(args.run, args.name, uri, aliases=args.alias, requirements=requirements,
                         merged=args.merged, description=args.description)
     aliases = f" (alias {', '.join(done.aliases)})" if done.aliases else ""
     tags = done.tags
-    print(f"registered {done.name} version {done.version}{aliases} in {uri}\n"
+    print(f"registered {done.name} version {done.version}{aliases} in {shown_uri(uri)}\n"
           f"  source: {done.source}\n  mlflow run: {done.run_id}\n"
           f"  base: {tags.get('lineage.base_model.path')}  data fingerprint: "
           f"{tags.get('lineage.data_fingerprint', '-')}  commit: {tags.get('lineage.code.git_commit', '-')[:12]}")
@@ -119,19 +142,20 @@ def _short(metrics: dict) -> str:
     return "  ".join(f"{key.removeprefix('eval.')}={metrics[key]:.4g}" for key in keys if key in metrics)
 
 
+@_registry_errors
 def registry_main(argv: list[str]) -> int:
     from trainer.gate import parse_requirement
 
     args = registry_parser().parse_args(argv)
     requirements = [parse_requirement(text) for text in getattr(args, "require", [])]
-    from trainer.registry import find_version, open_client, promote, tracking_uri, version_metrics
+    from trainer.registry import find_version, open_client, promote, shown_uri, tracking_uri, version_metrics
 
     uri = tracking_uri(args.tracking_uri)
     client = open_client(uri)
     if args.command == "list":
         models = client.search_registered_models(f"name='{args.name}'" if args.name else None)
         if not models:
-            print(f"no registered models in {uri}" + (f" named {args.name}" if args.name else ""))
+            print(f"no registered models in {shown_uri(uri)}" + (f" named {args.name}" if args.name else ""))
             return 0
         for model in sorted(models, key=lambda m: m.name):
             aliases = {}
@@ -157,6 +181,6 @@ def registry_main(argv: list[str]) -> int:
             print(f"    {key} = {value}")
         return 0
     version = promote(client, args.reference, args.alias, requirements)
-    print(f"{version.name} version {version.version} is now {args.alias!r} in {uri}")
+    print(f"{version.name} version {version.version} is now {args.alias!r} in {shown_uri(uri)}")
     sys.stdout.flush()
     return 0

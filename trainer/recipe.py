@@ -554,7 +554,7 @@ def _register(config: Config) -> None:
     be reached) is reported, not raised: the run itself completed and its final/ is intact."""
     from trainer.errors import UserError
     from trainer.gate import parse_requirement
-    from trainer.registry import register_run, tracking_uri
+    from trainer.registry import register_run, shown_uri, tracking_uri
 
     uri = tracking_uri(config.registry.tracking_uri, config.paths.runs_dir)
     name = config.registry.name or config.run.name
@@ -569,7 +569,7 @@ def _register(config: Config) -> None:
               f"later with `trainer register {config.run.dir} --name {name}`", flush=True)
         return
     aliases = f" (alias {', '.join(done.aliases)})" if done.aliases else ""
-    print(f"registered {done.name} version {done.version}{aliases} in {uri}", flush=True)
+    print(f"registered {done.name} version {done.version}{aliases} in {shown_uri(uri)}", flush=True)
 
 
 def _stop_message(recipe: Recipe, summary: dict) -> str:

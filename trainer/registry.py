@@ -37,6 +37,14 @@ def tracking_uri(explicit: str | None = None, runs_dir: str = "runs") -> str:
     return "sqlite:///" + os.path.join(os.path.abspath(uri), "mlflow.db")
 
 
+def shown_uri(uri: str) -> str:
+    """The URI without user:password@ (a credential in MLFLOW_TRACKING_URI must not reach a log)."""
+    scheme, sep, rest = uri.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return uri
+
+
 def _artifact_root(uri: str) -> str | None:
     """An embedded store keeps its artifacts beside the database; a server decides for itself."""
     if uri.startswith("sqlite:///"):
@@ -47,6 +55,8 @@ def _artifact_root(uri: str) -> str | None:
 def open_client(uri: str):
     if uri.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(uri[len("sqlite:///"):]), exist_ok=True)
+    # MLflow retries an unreachable server 7 times with growing waits (minutes); a person at a prompt wants to know.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     from mlflow import MlflowClient
 
     # After the import, which sets up MLflow's loggers: "Creating initial MLflow database tables..." is not news.

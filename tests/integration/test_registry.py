@@ -115,6 +115,11 @@ def test_unknown_metric_bad_gate_and_unfinished_run_are_one_line(tmp_path):
     assert_one_line_error(missing, "no registered model 'nothing'")
     config = run_cli("train", 'registry.require=["eval.loss<<1"]', f"run.dir={tmp_path / 'run'}", timeout=120)
     assert_one_line_error(config, "registry.require.0")
+    secret = run_cli("train", "registry.tracking_uri=https://bob:hunter2@mlflow.example/", timeout=120)
+    assert_one_line_error(secret, "registry.tracking_uri", "MLFLOW_TRACKING_PASSWORD")
+    assert "hunter2" not in secret.stderr
+    down = run_cli("registry", "list", "--tracking-uri", "http://127.0.0.1:9/", timeout=120)
+    assert_one_line_error(down, "registry:", "MLflow server is up")
 
 
 @pytest.mark.slow

@@ -484,6 +484,10 @@ class RegistryConfig:
 
         for i, text in enumerate(self.require):
             require(is_requirement(text), f"require.{i}", f"{text!r}: {FORM}")
+        uri = self.tracking_uri or ""
+        require("@" not in uri.partition("://")[2].split("/", 1)[0], "tracking_uri",
+                "holds a user name or password, which would be frozen into config.yaml: give the URI without them "
+                "and set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead")
         require(self.name is None or (bool(self.name) and not any(c in self.name for c in "@/:")), "name",
                 f"{self.name!r}: a registered model name has no '@', '/' or ':'")
 
