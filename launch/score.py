@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also run lm-evaluation-harness tasks on every target (extra 'harness'); then --data "
                              "and --split are optional")
     parser.add_argument("--harness-include", metavar="DIR", help="task YAML files of your own (local data)")
+    parser.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                        help="shard the targets over N ranks of this machine with FSDP2 (gloo on CPU, NCCL on GPUs): "
+                             "for models one device cannot hold; the figures equal one process's")
     parser.add_argument("--json", dest="json_path", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run Python code that the model dir ships (auto_map); off unless you trust its source")
@@ -146,50 +149,74 @@ def render_samples(examples, template, tokenizer):
     return [sample for sample in samples if sample.prompt and sample.reference]
 
 
-def score_target(model, tokenizer, samples, args, device) -> dict:
+def answer_all(model, tokenizer, prompts: list[str], args, strategy) -> list[str]:
+    """Greedy answers in the prompts' order; on several ranks each answers its share (in lockstep: a rank with no
+    prompts left answers a stand-in, since a sharded forward needs every rank) and the answers are gathered."""
+    from trainer.evaluate import _rank_share, greedy_generate
+
+    answered: list[tuple[int, str]] = []
+    for batch in _rank_share(list(enumerate(prompts)), strategy.rank, strategy.world_size, args.batch_size):
+        texts = [prompt for _, prompt in batch] or prompts[:1]
+        answers = greedy_generate(model, tokenizer, texts, args.max_new_tokens, strategy.device, strategy.autocast)
+        answered += [(index, answer) for (index, _), answer in zip(batch, answers)]
+    if strategy.world_size > 1:
+        import torch.distributed as dist
+
+        shares = [None] * strategy.world_size
+        dist.all_gather_object(shares, answered)
+        answered = [pair for share in shares for pair in share]
+    return [answer for _, answer in sorted(answered)]
+
+
+def score_target(model, tokenizer, samples, args, strategy) -> dict:
     """Every metric for the model as it is now (the active adapter, or none)."""
     from trainer.data.encode import encode_samples
     from trainer.evaluate import evaluate_loss, greedy_generate
     from trainer.text_metrics import score_answers
 
-    strategy = _OneProcess(device)
     table, _, _, _ = encode_samples(samples, tokenizer, args.max_seq_len, train_on_inputs=False)
     rows = [table.sample(i) for i in range(len(table))]
     metrics = dict(evaluate_loss(model, rows, strategy, args.batch_size, tokenizer.pad_token_id))
     prompts = [sample.prompt for sample in samples]
-    answers: list[str] = []
     started = time.perf_counter()
-    for start in range(0, len(prompts), args.batch_size):
-        answers += greedy_generate(model, tokenizer, prompts[start:start + args.batch_size], args.max_new_tokens,
-                                   device, strategy.autocast)
+    answers = answer_all(model, tokenizer, prompts, args, strategy)
     decoding = time.perf_counter() - started
     metrics.update(score_answers(answers, [sample.reference for sample in samples]))
     first_token = []
     for prompt in prompts[:LATENCY_PROMPTS]:
         started = time.perf_counter()
-        greedy_generate(model, tokenizer, [prompt], 1, device, strategy.autocast)
+        greedy_generate(model, tokenizer, [prompt], 1, strategy.device, strategy.autocast)
         first_token.append(time.perf_counter() - started)
     metrics["time_to_first_token_s"] = statistics.median(first_token)
     metrics["decode_tokens_per_second"] = len(prompts) * args.max_new_tokens / max(decoding, 1e-9)
     return {"metrics": metrics, "answers": answers}
 
 
-def score_all(model, tokenizer, samples, names: list[str], args) -> dict:
+def score_all(model, tokenizer, samples, names: list[str], args, strategy) -> dict:
     """{target name: {"metrics": ..., "answers": [...]}} for the base (when asked, or alone) and each adapter."""
     import contextlib
 
-    import torch
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
+    model.eval()
     results = {}
     if args.base_too or not names:
         with model.disable_adapter() if names else contextlib.nullcontext():
-            results["base"] = score_target(model, tokenizer, samples, args, device)
+            results["base"] = score_target(model, tokenizer, samples, args, strategy)
     for name in names:
         model.set_adapter(name)
-        results[name] = score_target(model, tokenizer, samples, args, device)
+        results[name] = score_target(model, tokenizer, samples, args, strategy)
     return results
+
+
+def place(model, args):
+    """(model, strategy): on this process's device, or sharded over the ranks of --nproc-per-node."""
+    from launch.score_sharded import is_worker, shard
+
+    if is_worker():
+        return shard(model)
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device), _OneProcess(device)
 
 
 def render_table(results: dict) -> str:
@@ -224,6 +251,11 @@ def main(argv: list[str]) -> int:
         raise UserError("eval: --harness-include adds task definitions for --harness TASK; name the task too")
     if not (args.data or args.split or args.harness):
         raise UserError("eval: give --data FILE, --split val|test or --harness TASK")
+    if args.nproc_per_node < 1:
+        raise UserError("eval: --nproc-per-node must be >= 1")
+    if args.nproc_per_node > 1 and args.harness:
+        raise UserError("eval: --harness runs in one process (lm-evaluation-harness drives the model itself): drop "
+                        "--nproc-per-node, or score --data/--split on several ranks and the harness separately")
     harness = None
     if args.harness:  # the package and task names checked before any model loads
         from launch.harness import check_harness, parse_tasks
@@ -237,13 +269,19 @@ def main(argv: list[str]) -> int:
     elif args.data:
         examples, formats = read_examples(args.data, args.format, args.max_samples)
         data_label = args.data
+    from launch.score_sharded import is_worker, relaunch
+
+    if args.nproc_per_node > 1 and not is_worker():  # everything checked: the ranks start from here
+        return relaunch(argv, args.nproc_per_node)
     model, tokenizer, names, run_config = load_models(args.source, adapters, args.trust_remote_code)
     if tokenizer.pad_token_id is None:  # batches are padded; the padding is masked out of every metric
         tokenizer.pad_token = tokenizer.eos_token
+    model, strategy = place(model, args)
     results: dict = {}
     scored = 0
     if examples is not None:
-        results, scored = score_examples(model, tokenizer, examples, formats, data_label, names, run_config, args)
+        results, scored = score_examples(model, tokenizer, examples, formats, data_label, names, run_config, args,
+                                         strategy)
     if harness is not None:
         from launch.harness import run_harness
 
@@ -255,13 +293,16 @@ def main(argv: list[str]) -> int:
         print(f"lm-evaluation-harness: {', '.join(tasks)}" + (f" (first {args.max_samples} documents of each)"
                                                                if args.max_samples else ""))
     print(render_table(results))
-    if args.json_path:
+    if args.json_path and strategy.rank == 0:
         write_report(args, results, scored)
     sys.stdout.flush()
+    if strategy.world_size > 1:
+        strategy.close()
     return 0
 
 
-def score_examples(model, tokenizer, examples, formats, data_label: str, names, run_config, args) -> tuple[dict, int]:
+def score_examples(model, tokenizer, examples, formats, data_label: str, names, run_config, args,
+                   strategy) -> tuple[dict, int]:
     """The project's own metrics on the data file or split, rendered with the run's (or the chosen) template."""
     from launch.generate import choose_template
 
@@ -275,7 +316,7 @@ def score_examples(model, tokenizer, examples, formats, data_label: str, names, 
     samples = render_samples(examples, template, tokenizer)
     if not samples:
         raise UserError(f"eval: no record of {data_label} renders to a prompt and an answer with this template")
-    results = score_all(model, tokenizer, samples, names, args)
+    results = score_all(model, tokenizer, samples, names, args, strategy)
     print(f"{len(samples)} samples from {data_label}; greedy answers of up to {args.max_new_tokens} tokens")
     for result in results.values():
         result["answers"] = [{"prompt": s.prompt, "reference": s.reference, "answer": a}
