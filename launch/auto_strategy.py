@@ -73,7 +73,8 @@ def planner_inputs(config, strategy: str = "auto", precision: str | None = None,
                           gpus_per_node=world, micro_batch_size=rows,
                           seq_len=config.data.max_seq_len, gradient_checkpointing=config.train.gradient_checkpointing,
                           attention=config.model.attn_implementation,
-                          loss_chunk_tokens=config.objective.chunk_tokens), source
+                          loss_chunk_tokens=config.objective.chunk_tokens,
+                          anchor_copies=config.regularize.anchor_copies), source
     except ValueError as err:
         raise planner_error_to_config_error(err, source) from None
 

@@ -40,7 +40,8 @@ e.g. trainer plan model=llama-3.1-70b hardware.gpu_memory_gb=80 launcher.nproc_p
 DEFAULT_GPU_MEMORY_GIB = 80.0  # when neither hardware.gpu_memory_gb nor a local GPU says otherwise
 OPTIMIZER_NAMES = {"paged_adamw_32bit": "paged_adamw"}  # optim.name -> the planner's name, where they differ
 # The sections the planner reads; the others (run dir, eval, checkpoints, logging) cannot change memory.
-PLAN_SECTIONS = ("model", "data", "peft", "strategy", "optim", "train", "objective", "launcher", "hardware")
+PLAN_SECTIONS = ("model", "data", "peft", "strategy", "optim", "train", "objective", "regularize", "launcher",
+                 "hardware")
 
 
 @dataclass
@@ -221,6 +222,7 @@ def build_request(sections: dict[str, Any]) -> PlanRequest:
             gradient_checkpointing=train.gradient_checkpointing,
             attention=model.attn_implementation,
             loss_chunk_tokens=sections["objective"].chunk_tokens,
+            anchor_copies=sections["regularize"].anchor_copies,
         )
     except ValueError as err:
         raise planner_error_to_config_error(err, source) from None

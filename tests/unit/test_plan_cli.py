@@ -298,3 +298,19 @@ def test_a_preference_objective_is_planned_as_two_rows_per_pair_without_a_refere
     assert dpo["activations"] == 2 * sft["activations"] and dpo["logits"] == sft["logits"]
     assert dpo["weights"] == sft["weights"] and dpo["optimizer"] == sft["optimizer"]
     assert any("2 rows, planned as such; no reference model is held" in note for note in report["notes"]), report
+
+
+def test_regularize_anchor_is_counted_per_gpu():
+    """L2 keeps the starting weights (one fp32 copy of the trainable weights), EWC their Fisher diagonal too: both
+    whole on the GPU, as trainer/regularize.py holds them."""
+    model = ("model=llama-3.1-8b", "hardware.gpu_memory_gb=80", "peft=none", "strategy=single")
+    replay = str(REPO / "trainer" / "assets" / "demo-facts" / "replay.txt")
+    plain = plan_json(*model)["configured"]
+    l2 = plan_json(*model, "regularize.l2_lambda=1")["configured"]
+    ewc = plan_json(*model, "regularize.ewc_lambda=100", f"regularize.fisher_path={replay}")["configured"]
+    trainable = 8_030_261_248  # Llama-3.1-8B, all of it in a full fine-tune
+    assert plain["bytes_per_gpu"]["anchor"] == 0
+    assert l2["bytes_per_gpu"]["anchor"] == 4 * trainable
+    assert ewc["bytes_per_gpu"]["anchor"] == 8 * trainable
+    # the margin is a fraction of everything else, so the total grows by a little more than the anchor
+    assert ewc["bytes_per_gpu"]["total"] - plain["bytes_per_gpu"]["total"] >= 8 * trainable

@@ -465,6 +465,11 @@ class RegularizeConfig:
     def active(self) -> bool:
         return self.ewc_lambda > 0 or self.l2_lambda > 0
 
+    @property
+    def anchor_copies(self) -> int:
+        """fp32 copies of the trainable weights the penalty keeps: the starting weights, and EWC's Fisher."""
+        return 2 if self.ewc_lambda > 0 else (1 if self.l2_lambda > 0 else 0)
+
 
 @dataclass
 class RegistryConfig:

@@ -97,6 +97,9 @@ class PlanInputs:
     # The loss over chunks of this many tokens, as trainer/objectives/ computes it (objective.chunk_tokens); 0:
     # unchunked. Families the trainer does not chunk (and prompt/prefix tuning) are planned unchunked.
     loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    # fp32 copies of the trainable weights that `regularize` keeps on the device beside them (trainer/regularize.py):
+    # 0 without it, 1 for L2 (the starting weights), 2 for EWC (the starting weights and their Fisher diagonal)
+    anchor_copies: int = 0
     # A quantised base's unquantised weights cast to fp32, as peft's prepare_model_for_kbit_training does (the usual
     # Hugging Face QLoRA recipe). The trainer keeps them in the compute dtype.
     upcast_unquantized: bool = False
@@ -116,6 +119,8 @@ class PlanInputs:
         _check_choice("attention", self.attention, ATTENTION_IMPLEMENTATIONS)
         if self.weight_precision is not None:
             _check_choice("weight_precision", self.weight_precision, WEIGHT_PRECISIONS)
+        if self.anchor_copies not in (0, 1, 2):
+            raise ValueError(f"anchor_copies must be 0, 1 (L2) or 2 (EWC), got {self.anchor_copies!r}")
         chunk = self.loss_chunk_tokens
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
             raise ValueError(f"loss_chunk_tokens must be an integer >= 0 (0: unchunked), got {chunk!r}")
@@ -183,9 +188,11 @@ class MemoryEstimate:
     host_master_weights: int = 0
     host_gradients: int = 0
     host_optimizer: int = 0
+    anchor: int = 0  # regularize: the starting weights (and EWC's Fisher) in fp32, whole on every rank
     notes: tuple[str, ...] = ()
 
-    GPU_FIELDS = ("weights", "master_weights", "gradients", "optimizer", "gathered", "activations", "logits", "margin")
+    GPU_FIELDS = ("weights", "master_weights", "gradients", "optimizer", "anchor", "gathered", "activations", "logits",
+                  "margin")
     HOST_FIELDS = ("host_weights", "host_master_weights", "host_gradients", "host_optimizer")
 
     @property
@@ -338,7 +345,9 @@ def estimate_memory(inputs: PlanInputs) -> MemoryEstimate:
     logits = logits_bytes(params, seq_len, inputs.micro_batch_size, setting)
     notes.extend(_setup_notes(inputs, trainable))
 
-    subtotal = sum(gpu.values()) + gathered + activations + logits
+    # regularize runs where every trainable weight is whole on each rank (single, ddp): so is its anchor
+    anchor = 4 * inputs.anchor_copies * trainable.total
+    subtotal = sum(gpu.values()) + anchor + gathered + activations + logits
     margin = inputs.margin_fraction * subtotal + inputs.margin_bytes
     return MemoryEstimate(
         inputs=inputs,
@@ -346,6 +355,7 @@ def estimate_memory(inputs: PlanInputs) -> MemoryEstimate:
         trainable=trainable,
         **{name: round(value) for name, value in gpu.items()},
         gathered=round(gathered),
+        anchor=anchor,
         activations=activations,
         logits=logits,
         margin=round(margin),
