@@ -1,9 +1,11 @@
-"""`trainer generate SOURCE [PROMPT ...] [--adapter NAME=PATH ...]`: answers from a base model and its adapters.
+"""`trainer generate SOURCE [PROMPT ...] [--adapter NAME=PATH ...] [--chat]`: answers from a model and its adapters.
 
 One base model is loaded once; every adapter is attached to it under its own name (PEFT's load_adapter) and made
 active in turn (set_adapter), so several fine-tunes of one base are served from one copy of its weights. Answers
-are greedy (trainer/evaluate.py's greedy_generate, the decoding training-time evaluation uses), so they are
-reproducible and each adapter answers exactly as it would loaded alone.
+are greedy by default (trainer/evaluate.py's greedy_generate, the decoding training-time evaluation uses), so they
+are reproducible and each adapter answers exactly as it would loaded alone; --temperature samples instead, from a
+generator seeded afresh for each adapter, so a seed still gives each adapter the same answers whatever runs beside
+it. --chat holds a multi-turn conversation with one model or adapter on stdin/stdout.
 
 Prompts are wrapped in the run's template (data.template of the run that trained the source or the first adapter:
 alpaca, chatml, llama-3 or the tokenizer's own), or --template; `--template none` passes them through as written.
@@ -12,7 +14,9 @@ alpaca, chatml, llama-3 or the tokenizer's own), or --template; `--template none
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -28,8 +32,16 @@ prompts are answered by every adapter in turn (by the base alone when there are 
 Prompts come from the arguments and/or --prompts FILE: one prompt per line (.txt), or JSON lines with "prompt",
 "instruction" (+ "input"), or "messages".
 
+Answers are greedy unless --temperature is above 0: then each token is sampled (from the --top-p nucleus), and
+--seed makes the answers repeatable, for each adapter whatever else is loaded.
+
+--chat talks with one model or adapter: each line on stdin is a user turn, answered with the conversation so far
+(in the run's template) and printed on its own line; /reset forgets the conversation, /exit or end of input ends it.
+
 e.g. trainer generate runs/facts-lora "Where does the flunk live?"
      trainer generate trainer/assets/tiny-llama --adapter facts=runs/a --adapter style=runs/b --prompts qs.jsonl --json
+     trainer generate runs/facts-lora "Where does the flunk live?" --temperature 0.8 --top-p 0.9 --seed 1
+     trainer generate runs/facts-lora --chat --system "Answer in one sentence."
 """
 TEMPLATES = ("auto", "tokenizer", "chatml", "llama-3", "alpaca", "none")
 
@@ -47,10 +59,53 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prompt template (auto: the run's data.template, else the tokenizer's chat template)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--base-too", action="store_true", help="also answer with the base model, adapters off")
-    parser.add_argument("--json", action="store_true", help="one JSON object per answer: adapter, prompt, output")
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON object per answer: adapter, prompt, input (the rendered text), output "
+                             "(with --chat also turn)")
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                        help="sample each token at this temperature; 0 (default): greedy, reproducible answers")
+    parser.add_argument("--top-p", type=float, default=None, metavar="P",
+                        help="sample only among the most likely tokens that together hold probability P "
+                             "(0 < P <= 1; default 1: all tokens)")
+    parser.add_argument("--seed", type=int, default=None, metavar="N",
+                        help="seed of the sampling (default 0); each adapter starts from it afresh")
+    parser.add_argument("--chat", action="store_true",
+                        help="multi-turn chat on stdin/stdout with one model or adapter; /reset, /exit")
+    parser.add_argument("--system", metavar="TEXT", help="a system message before the prompts (or the chat)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run Python code that the model dir ships (auto_map); off unless you trust its source")
     return parser
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How answers are decoded: greedy at temperature 0, else sampled from a generator seeded afresh per answerer."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def decoding(self) -> dict:
+        """greedy_generate's keyword arguments, with a new generator (on the CPU, so devices draw alike)."""
+        import torch
+
+        generator = torch.Generator().manual_seed(self.seed) if self.temperature > 0 else None
+        return {"temperature": self.temperature, "top_p": self.top_p, "generator": generator}
+
+
+def read_sampling(args: argparse.Namespace) -> Sampling:
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UserError(f"generate: --temperature must be a number >= 0 (0 answers greedily), got {args.temperature}")
+    top_p = 1.0 if args.top_p is None else args.top_p
+    if not 0 < top_p <= 1:
+        raise UserError(f"generate: --top-p must be in (0, 1] (1 samples from all tokens), got {top_p}")
+    seed = 0 if args.seed is None else args.seed
+    if not 0 <= seed < 2**63:
+        raise UserError(f"generate: --seed must be between 0 and 2**63 - 1, got {seed}")
+    if args.temperature == 0 and (args.top_p is not None or args.seed is not None):
+        sys.stderr.write("[trainer] --top-p and --seed only matter when sampling (--temperature > 0): answering "
+                         "greedily\n")
+    return Sampling(args.temperature, top_p, seed)
 
 
 @dataclass
@@ -164,8 +219,9 @@ def choose_template(name: str, tokenizer, run_config: dict):
     return build_template(name, tokenizer, ["chat"])
 
 
-def render(requests: list[Request], template, tokenizer) -> list[str]:
-    """Prompt texts ready for generation (BOS is added by greedy_generate, so a template's own is dropped)."""
+def render(requests: list[Request], template, tokenizer, system: str | None = None) -> list[str]:
+    """Prompt texts ready for generation (BOS is added by greedy_generate, so a template's own is dropped); `system`
+    opens each conversation that has no system message of its own."""
     from trainer.data.formats import Message
 
     texts = []
@@ -174,9 +230,16 @@ def render(requests: list[Request], template, tokenizer) -> list[str]:
             texts.append(request.instruction)
             continue
         turns = request.messages or (("user", request.instruction),)
+        if system is not None and turns[0][0] != "system":
+            turns = (("system", system), *turns)
         messages = [Message(role, content, context=request.context if i == len(turns) - 1 else "")
                     for i, (role, content) in enumerate(turns)]
-        text = template.render(messages, add_generation_prompt=True)
+        try:
+            text = template.render(messages, add_generation_prompt=True)
+        except Exception as err:  # a Jinja template's raise_exception() (e.g. no system role), or any error in it
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"generate: the {template.name} template rejected the conversation: {reason} (choose "
+                            f"another --template{' or drop --system' if system is not None else ''})") from None
         bos = tokenizer.bos_token
         texts.append(text[len(bos):] if bos and text.startswith(bos) else text)
     return texts
@@ -271,40 +334,124 @@ def check_shapes(base: str | None, base_has_weights: bool, adapters: list[str], 
                             "adapter` writes both from a checkpoint)")
 
 
-def generate_all(model, tokenizer, texts: list[str], names: list[str], max_new_tokens: int, base_too: bool):
-    """{adapter name (or "base"): [answer per prompt]}, switching the active adapter between runs."""
-    import contextlib
-
+def _to_device(model):
     import torch
-
-    from trainer.evaluate import greedy_generate
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
+    return device
+
+
+def generate_all(model, tokenizer, texts: list[str], names: list[str], max_new_tokens: int, base_too: bool,
+                 sampling: Sampling = Sampling()):
+    """{adapter name (or "base"): [answer per prompt]}, switching the active adapter between runs; each starts from
+    its own freshly seeded generator, so its sampled answers do not depend on which others ran before it."""
+    from trainer.evaluate import greedy_generate
+
+    device = _to_device(model)
     answers = {}
     if base_too or not names:
         context = model.disable_adapter() if names else contextlib.nullcontext()
         with context:
-            answers["base"] = greedy_generate(model, tokenizer, texts, max_new_tokens, device, contextlib.nullcontext)
+            answers["base"] = greedy_generate(model, tokenizer, texts, max_new_tokens, device, contextlib.nullcontext,
+                                              **sampling.decoding())
     for name in names:
         model.set_adapter(name)
-        answers[name] = greedy_generate(model, tokenizer, texts, max_new_tokens, device, contextlib.nullcontext)
+        answers[name] = greedy_generate(model, tokenizer, texts, max_new_tokens, device, contextlib.nullcontext,
+                                        **sampling.decoding())
     return answers
+
+
+def check_one_answerer(source: str, adapters: list[tuple[str, str]], base_too: bool) -> None:
+    """--chat talks with one model: the source's own (adapter or model) or a single --adapter."""
+    count = len(adapters) + is_adapter(final_dir(source))
+    count += bool(base_too and count)
+    if count > 1:
+        raise UserError(f"generate: --chat talks with one model or adapter, got {count}: give the run dir alone or "
+                        "one --adapter (and no --base-too)")
+
+
+def chat(model, tokenizer, template, name: str | None, args: argparse.Namespace, sampling: Sampling,
+         stdin=None, stdout=None) -> None:
+    """Each input line is a user turn, answered with the whole conversation so far rendered in the template, then
+    kept as the assistant's turn. The marker and notes go to a terminal only, so piped input gets just the answers."""
+    from trainer.evaluate import greedy_generate
+
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    interactive = stdin.isatty()
+    device = _to_device(model)
+    if name:
+        model.set_adapter(name)
+    decoding = sampling.decoding()  # one generator for the session: a replayed conversation gets the same answers
+    limit = getattr(model.config, "max_position_embeddings", None)
+    history: list[tuple[str, str]] = []
+    if interactive:
+        sys.stderr.write(f"[trainer] chatting with {name or 'the model'}: /reset forgets the conversation, /exit or "
+                         "Ctrl-D ends it\n")
+    turn = 0
+    while True:
+        if interactive:
+            stdout.write("> ")
+            stdout.flush()
+        line = stdin.readline()
+        if not line or line.strip() == "/exit":
+            stdout.write("\n" if interactive and not line else "")
+            return
+        line = line.rstrip("\r\n")
+        if line.strip() == "/reset":
+            history.clear()
+            if interactive:
+                sys.stderr.write("[trainer] conversation cleared\n")
+            continue
+        if not line.strip():
+            continue
+        while True:
+            text = render([Request(line, messages=(*history, ("user", line)))], template, tokenizer, args.system)[0]
+            num_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # + BOS
+            if not history or limit is None or num_tokens + args.max_new_tokens <= limit:
+                break
+            del history[:2]  # the oldest exchange: the model cannot attend further back than its positions reach
+            sys.stderr.write(f"[trainer] the conversation outgrew the model's {limit} positions: dropped its oldest "
+                             "exchange\n")
+        output = greedy_generate(model, tokenizer, [text], args.max_new_tokens, device, contextlib.nullcontext,
+                                 **decoding)[0].strip()
+        history += [("user", line), ("assistant", output)]
+        if args.json:
+            record = {"adapter": name or "base", "turn": turn, "prompt": line, "input": text, "output": output}
+            stdout.write(json.dumps(record) + "\n")
+        else:
+            stdout.write(output + "\n")
+        stdout.flush()
+        turn += 1
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_intermixed_args(argv)  # prompts may come before or after the options
     if args.max_new_tokens < 1:
         raise UserError("generate: --max-new-tokens must be >= 1")
+    sampling = read_sampling(args)
+    if args.chat and (args.prompts or args.prompts_file):
+        raise UserError("generate: --chat reads the conversation from stdin: drop the prompts and --prompts")
+    if args.template == "none" and (args.chat or args.system is not None):
+        raise UserError(f"generate: {'--chat' if args.chat else '--system'} needs a chat template to hold the "
+                        "conversation: drop --template none")
     if not os.path.isdir(args.source):
         raise UserError(f"generate: {args.source!r} is not a model dir or run dir")
     final_dir(args.source)  # an unfinished run or truncated weights: one line now, before any library loads
     adapters = parse_adapters(args.adapter)
-    requests = read_requests(args.prompts, args.prompts_file)
+    if args.chat:
+        check_one_answerer(args.source, adapters, args.base_too)
+    requests = [] if args.chat else read_requests(args.prompts, args.prompts_file)
     model, tokenizer, names, run_config = load_models(args.source, adapters, args.trust_remote_code)
     template = choose_template(args.template, tokenizer, run_config)
-    texts = render(requests, template, tokenizer)
-    answers = generate_all(model, tokenizer, texts, names, args.max_new_tokens, args.base_too)
+    if template is None and (args.chat or args.system is not None):
+        raise UserError(f"generate: {'--chat' if args.chat else '--system'} needs a chat template and {args.source} "
+                        "has none (neither its run nor its tokenizer): give --template chatml, llama-3 or alpaca")
+    if args.chat:
+        chat(model, tokenizer, template, names[0] if names else None, args, sampling)
+        return 0
+    texts = render(requests, template, tokenizer, args.system)
+    answers = generate_all(model, tokenizer, texts, names, args.max_new_tokens, args.base_too, sampling)
     for name, outputs in answers.items():
         for request, text, output in zip(requests, texts, outputs):
             if args.json:

@@ -35,12 +35,22 @@ commands:
                         a checkpoint (any strategy or world size) as a Hugging Face model, PEFT adapter or merged model
   export RUN_DIR|CHECKPOINT --to gguf|gguf-model --out FILE.gguf [--gguf-dtype f16|q8_0|f32]
                         for llama.cpp: a LoRA adapter (--lora FILE) or the (merged) model as one GGUF file
-  generate SOURCE [PROMPT ...] [--adapter NAME=PATH ...] [--prompts FILE]
-                        greedy answers from a model or run, switching between several adapters on one base
+  generate SOURCE [PROMPT ...] [--adapter NAME=PATH ...] [--prompts FILE] [--temperature T --top-p P --seed N]
+                        answers from a model or run (greedy, or sampled with a seed), switching between several
+                        adapters on one base; --chat: a multi-turn chat on stdin/stdout with one model or adapter
   eval SOURCE --data FILE|--split val|test|--harness TASK [--adapter NAME=PATH ...] [--base-too] [--json FILE]
+       [--nproc-per-node N]
                         score a model, adapter or run (and others beside it) on a data file or the run's held-out
                         split: loss, perplexity, exact match, token F1, BLEU, ROUGE-1/2/L, time to first token,
                         decoding tokens/s; --harness TASK: lm-evaluation-harness tasks on the same models
+  register RUN --name NAME [--alias A] [--require "eval.exact_match>=0.6" ...]
+                        a finished run's adapter or model as a new version in the model registry (MLflow; embedded
+                        SQLite store in runs/registry by default), with lineage; refused if a --require gate fails
+  registry list|show|promote
+                        registered versions, their lineage and metrics; promote a version to an alias behind a gate
+  serve BASE [--adapter NAME=RUN|registry:NAME@ALIAS ...] [--port 8000]
+                        an OpenAI-compatible server (chat completions, completions, streaming) for one base model
+                        and its adapters, each chosen by the request's `model`: llama.cpp on CPU, vLLM on GPUs
 
 Run `trainer <command> --help` for a command's options. Config groups and keys: README.md.
 """
@@ -88,8 +98,23 @@ def _commands() -> dict:
 
         return eval_main(argv)
 
+    def register(argv: list[str]) -> int:
+        from launch.register import register_main
+
+        return register_main(argv)
+
+    def registry(argv: list[str]) -> int:
+        from launch.register import registry_main
+
+        return registry_main(argv)
+
+    def serve(argv: list[str]) -> int:
+        from launch.serve import main as serve_main
+
+        return serve_main(argv)
+
     return {"train": train, "data": data, "plan": plan, "sweep": sweep, "export": export, "generate": generate,
-            "eval": evaluate}
+            "eval": evaluate, "register": register, "registry": registry, "serve": serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -119,8 +119,36 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, device, autocast) -> list[str]:
-    """Greedy decoding for exactly max_new_tokens steps (fixed count keeps sharded ranks in lockstep)."""
+def top_p_filter(probs, top_p: float):
+    """`probs` (rows of a distribution) with every token outside the nucleus zeroed: the smallest set of most likely
+    tokens whose probability adds up to top_p (never less than the top token). Not renormalised: sampling does not
+    need it."""
+    import torch
+
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)  # stable: ties keep the first id
+    before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked above each one
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, before < top_p)
+    return torch.where(keep, probs, torch.zeros_like(probs))
+
+
+def _sample_next(logits, temperature: float, top_p: float, generator):
+    """One token per row from softmax(logits / temperature), restricted to the top-p nucleus. With a generator the
+    draw happens on its device (a CPU one: the same draws whichever device decodes)."""
+    import torch
+
+    # log-probabilities are <= 0, so a tiny temperature drives them to -inf (greedy), never to inf - inf = nan
+    probs = top_p_filter(torch.softmax(torch.log_softmax(logits.float(), dim=-1) / temperature, dim=-1), top_p)
+    if generator is not None:
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator)[:, 0].to(logits.device)
+    return torch.multinomial(probs, 1)[:, 0]
+
+
+def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, device, autocast, *,
+                    temperature: float = 0.0, top_p: float = 1.0, generator=None) -> list[str]:
+    """Greedy decoding for exactly max_new_tokens steps (fixed count keeps sharded ranks in lockstep); with
+    temperature > 0 each token is sampled instead (top_p: nucleus sampling; generator: a seeded torch.Generator)."""
     import torch
 
     encoded = []
@@ -141,7 +169,8 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, d
                 out = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids,
                             past_key_values=past, use_cache=True)
             past = out.past_key_values
-            next_ids = out.logits[:, -1, :].argmax(-1)
+            logits = out.logits[:, -1, :]
+            next_ids = logits.argmax(-1) if temperature <= 0 else _sample_next(logits, temperature, top_p, generator)
             next_ids = torch.where(finished, torch.full_like(next_ids, pad), next_ids)
             generated.append(next_ids)
             finished |= next_ids == tokenizer.eos_token_id
