@@ -88,7 +88,11 @@ def pytest_collection_modifyitems(config, items):
             continue
         fixtures = getattr(item, "_fixtureinfo", None)
         definitions = fixtures.name2fixturedefs.values() if fixtures is not None else []
-        if any(d.scope == "module" for defs in definitions for d in defs):
+        # a session fixture of our own (a conftest's, not pytest's tmp_path_factory) is shared by several modules
+        shared = sorted(d.argname for defs in definitions for d in defs if d.scope == "session" and d.baseid)
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(f"fixture-{shared[0]}"))
+        elif any(d.scope == "module" for defs in definitions for d in defs):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 

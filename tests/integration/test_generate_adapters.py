@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO, assert_one_line_error, run_cli
-
-QUESTIONS = ["Where does the flunk live?", "Which colour does the bolep have?", "Tell me the colour of the snugoomp."]
-SHORT = ("train.max_steps=8", "train.micro_batch_size=4", "train.global_batch_size=8", "eval.max_batches=1",
-         "eval.generate_samples=0", "logger.progress=false", "logger.plot=false", "optim.lr=5e-3", "peft.r=8")
-
-
-def _train(run_dir: Path, *overrides: str) -> None:
-    result = run_cli("train", f"run.dir={run_dir}", *SHORT, *overrides)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+from tests.integration.adapter_runs import QUESTIONS
 
 
 def _generate(*args: str) -> dict[str, list[str]]:
@@ -27,22 +18,6 @@ def _generate(*args: str) -> dict[str, list[str]]:
         record = json.loads(line)
         answers.setdefault(record["adapter"], []).append(record["output"])
     return answers
-
-
-@pytest.fixture(scope="module")
-def two_runs(tmp_path_factory) -> tuple[Path, Path]:
-    """Adapter `facts` learns the demo's answers; adapter `shrug` learns to answer every question the same way."""
-    root = tmp_path_factory.mktemp("adapters")
-    shrug_data = root / "shrug.jsonl"
-    questions = [json.loads(line)["instruction"] for line in
-                 (REPO / "trainer" / "assets" / "demo-facts" / "train.jsonl").read_text().splitlines()[:64]]
-    shrug_data.write_text("".join(json.dumps({"instruction": q, "input": "", "output": "The meadow is purple."}) + "\n"
-                                  for q in questions))
-    _train(root / "facts")
-    # Its own data, with the demo's layout and row length, so both adapters answer the same prompts.
-    _train(root / "shrug", f"data.path={shrug_data}", "data.val_ratio=0.1", "train.max_steps=12",
-           "data.template=alpaca", "data.max_seq_len=104")
-    return root / "facts", root / "shrug"
 
 
 @pytest.mark.slow

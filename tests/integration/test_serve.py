@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, assert_one_line_error, run_cli
-from tests.integration.test_generate_adapters import QUESTIONS, two_runs  # noqa: F401 -- the module's fixture
+from tests.integration.adapter_runs import QUESTIONS
 
 openai = pytest.importorskip("openai")
 try:
@@ -66,7 +66,7 @@ class Server:
 
 
 @pytest.mark.slow
-def test_two_adapters_served_answer_as_generate_does_and_the_server_stops_cleanly(two_runs, tmp_path):  # noqa: F811
+def test_two_adapters_served_answer_as_generate_does_and_the_server_stops_cleanly(two_runs, tmp_path):
     facts, shrug = two_runs
     expected = _expected(facts, shrug)
     store = tmp_path / "registry"
