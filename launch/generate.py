@@ -285,7 +285,8 @@ def load_models(source: str, adapters: list[tuple[str, str]], trust_remote_code:
     return model.eval(), tokenizer, [name for name, _ in adapters], run_config
 
 
-def check_shapes(base: str | None, base_has_weights: bool, adapters: list[str], trust_remote_code: bool) -> None:
+def check_shapes(base: str | None, base_has_weights: bool, adapters: list[str], trust_remote_code: bool,
+                 command: str = "generate") -> None:
     """Weights must have the shapes their configs give (a config.json or adapter_config.json edited or copied from
     another run would otherwise fail deep inside transformers or PEFT): compared on the meta device from the files'
     headers, before anything loads. A model that cannot be built on the meta device is left to the loaders."""
@@ -313,7 +314,7 @@ def check_shapes(base: str | None, base_has_weights: bool, adapters: list[str], 
         expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
         problem = first_shape_mismatch(safetensors_shapes(base), expected)
         if problem:
-            raise UserError(f"generate: the weights in {base} do not match its config.json: {problem}; restore the "
+            raise UserError(f"{command}: the weights in {base} do not match its config.json: {problem}; restore the "
                             "config.json that was written with them")
     from peft import PeftConfig, get_peft_model, get_peft_model_state_dict
 
@@ -329,7 +330,7 @@ def check_shapes(base: str | None, base_has_weights: bool, adapters: list[str], 
             continue
         problem = first_shape_mismatch(safetensors_shapes(path, ["adapter_model.safetensors"]), expected)
         if problem:
-            raise UserError(f"generate: the adapter in {path} does not match its adapter_config.json: {problem}; "
+            raise UserError(f"{command}: the adapter in {path} does not match its adapter_config.json: {problem}; "
                             "restore the adapter_config.json that was written with it (`trainer export RUN --to "
                             "adapter` writes both from a checkpoint)")
 

@@ -106,6 +106,8 @@ def resolve(source: str, adapter_specs: list[str], registry_uri: str, base_name:
             raise UserError(f"serve: --adapter {name}={given}: not an adapter (no adapter_config.json); a full model "
                             "is served as BASE on its own")
         pairs.append((name, given, path))
+    if not base_name and source.startswith(REFERENCE_PREFIX) and not pairs:  # a registered model: its name
+        base_name = source.removeprefix(REFERENCE_PREFIX).split("@")[0].split("/")[0]
     base_name = base_name or os.path.basename(os.path.abspath(
         base_dir if not os.path.basename(base_dir) == "final" else os.path.dirname(base_dir)))
     if base_name in names:
@@ -119,7 +121,7 @@ def resolve(source: str, adapter_specs: list[str], registry_uri: str, base_name:
             raise UserError(f"serve: adapter {name} ({given}) was trained on another base model (its config.json "
                             f"sha256 {expected[:12]}, the served base {base_dir} has {str(base_hash)[:12]}): serve it "
                             "with the base it was trained on")
-        check_shapes(base_dir, True, [path], False)
+        check_shapes(base_dir, True, [path], False, command="serve")
         adapters.append(Adapter(name, path, given, expected, int(read_adapter_config(path).get("r") or 0)))
     served = Served(base_dir, base_name, adapters)
     _choose_template(served, template)
@@ -136,7 +138,8 @@ def _choose_template(served: Served, requested: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(served.base_dir)
     chosen: dict[str, tuple[str, str | None]] = {}
     for adapter in served.adapters or [None]:
-        run_config = read_run_config(adapter.path) if adapter else {}
+        # the base alone: the run that trained it, when it is a run's final/ or a registered model (config.yaml)
+        run_config = read_run_config(adapter.path if adapter else served.base_dir)
         template = choose_template(requested, tokenizer, run_config)
         jinja = as_jinja(template, tokenizer.bos_token)
         chosen[adapter.name if adapter else served.base_name] = (getattr(template, "name", "none"), jinja)

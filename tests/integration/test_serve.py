@@ -104,9 +104,21 @@ def test_two_adapters_served_answer_as_generate_does_and_the_server_stops_cleanl
     assert code == 0 and "serve: stopped" in out
     config = str(tmp_path / "serve" / f"llama-cpp-server-{server.port}.json")
     assert not [pid for pid in _pids() if config in _cmdline(pid)], "the engine is gone with its server"
-    again = Server(TINY, "--gguf-dtype", "f32", "--work-dir", str(tmp_path / "serve"), cwd=tmp_path,
-                   port=server.port)  # the same port at once: a stopped server's connections do not hold it
-    assert again.stop()[0] == 0
+    # The same port at once (a stopped server's connections do not hold it), serving the facts adapter registered
+    # merged into its base: a model of its own, named after its registration, laid out with its training template.
+    merged = run_cli("register", str(facts), "--name", "facts-merged", "--merged", "--tracking-uri", str(store),
+                     timeout=300)
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    again = Server("registry:facts-merged", "--gguf-dtype", "f32", "--work-dir", str(tmp_path / "serve"),
+                   "--tracking-uri", str(store), cwd=tmp_path, port=server.port)
+    try:
+        assert "models facts-merged " in again.ready_line and "chat template: alpaca" in again.ready_line
+        chat = again.client.chat.completions.create(
+            model="facts-merged", messages=[{"role": "user", "content": QUESTIONS[1]}], max_tokens=NEW_TOKENS,
+            temperature=0)
+        assert chat.choices[0].message.content == expected["facts"][1]["output"]
+    finally:
+        assert again.stop()[0] == 0
 
 
 def _pids() -> list[int]:
