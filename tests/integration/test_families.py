@@ -76,13 +76,8 @@ def test_replicas_keep_the_real_quirks_and_the_gqa_ratio(replicas):
         assert config["num_hidden_layers"] == 2
 
 
-def _families(kept_by_make_test: tuple[str, ...]):
-    """Every family; `make test` runs those whose quirks the test exercises most, `make test-all` all of them."""
-    return [pytest.param(f, marks=[] if f in kept_by_make_test else [pytest.mark.extended]) for f in FAMILY_LINEARS]
-
-
-@pytest.mark.slow  # Llama 2 and Mistral share Llama's modules and [INST] format: `make test-all` runs them
-@pytest.mark.parametrize("family", _families(tuple(f for f in FAMILY_LINEARS if f not in ("llama-2", "mistral"))))
+@pytest.mark.slow  # every family, in `make test`: each cell of docs/models.md's table is a test CI runs
+@pytest.mark.parametrize("family", list(FAMILY_LINEARS))
 def test_lora_trains_every_family_through_the_cli_with_its_chat_template(family, replicas, tmp_path):
     run_dir = tmp_path / "run"
     # A large step, so that the adapter visibly changes the logits.
@@ -131,7 +126,7 @@ def _merged_export_equals_the_adapter_on_its_base(base_dir, run_dir, out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", _families(("llama-3.1", "mixtral", "phi-3")))  # 128k vocab, MoE, fused
+@pytest.mark.parametrize("family", list(FAMILY_LINEARS))
 def test_qlora_trains_every_family_and_generate_speaks_its_chat_format(family, replicas, tmp_path):
     run_dir = tmp_path / "run"
     trained = _train_briefly(replicas[family], run_dir, tmp_path / "cache", "peft=qlora")
@@ -148,7 +143,7 @@ def test_qlora_trains_every_family_and_generate_speaks_its_chat_format(family, r
 
 
 @pytest.mark.slow  # tied embeddings, biases, MoE router, soft-capping, fused projections:
-@pytest.mark.parametrize("family", _families(("llama-3.2", "qwen2.5", "mixtral", "gemma-2", "phi-3")))
+@pytest.mark.parametrize("family", list(FAMILY_LINEARS))
 def test_full_fine_tuning_resumes_exactly_in_every_family(family, replicas, tmp_path):
     """Full fine-tuning of each replica (every weight trains: tied embeddings, biases, experts, fused projections),
     checkpointed at step 1: resuming from that checkpoint gives step 2's loss bit for bit. The recipe runs in this

@@ -136,3 +136,29 @@ def test_grid_sweep_runs_each_point_as_a_slurm_job_and_tabulates_them(slurm_clus
     for point in points:
         config = (sweep_dir / point[0] / "config.yaml").read_text()
         assert f"dir: {sweep_dir / point[0]}" in config and "group: sweep" in config
+
+
+def test_a_dpo_sweep_runs_each_point_as_a_slurm_job_on_two_nodes(slurm_cluster, tmp_path):
+    """Preference tuning takes the same Slurm and sweep path as SFT: a beta grid of DPO jobs, each on two nodes
+    (pairs kept whole across the ranks), each recording its reference log-probs and logging preference metrics."""
+    sweep_dir = tmp_path / "sweep"
+    job_ids, out = submit(slurm_cluster, "-m", "experiment=demo-dpo", "objective.beta=0.1,0.5", "launcher=slurm",
+                          "launcher.nodes=2", "launcher.time=10", "strategy=ddp", "peft.dropout=0",
+                          f"hydra.sweep.dir={sweep_dir}", "train.max_steps=2", "train.micro_batch_size=4",
+                          "train.global_batch_size=8", "eval.max_batches=1", "logger.progress=false",
+                          "logger.plot=false")
+    assert len(set(job_ids)) == 2, out
+    for job_id in job_ids:
+        info = slurm_cluster.wait_for_job(job_id, timeout=JOB_TIMEOUT_S)
+        assert info["JobState"] == "COMPLETED", info
+    for point, beta in (("0", 0.1), ("1", 0.5)):
+        run_dir = sweep_dir / point
+        summary = read_summary(run_dir)
+        assert summary["status"] == "completed" and summary["world_size"] == 2
+        assert f"beta: {beta}" in (run_dir / "config.yaml").read_text()
+        assert (run_dir / "reference_logps.safetensors").is_file()
+        assert 0 <= summary["eval_after"]["preference_accuracy"] <= 1
+        assert train_losses(run_dir)[1] == pytest.approx(0.6931472, rel=1e-4)  # DPO at zero log-ratio
+    proc = trainer(slurm_cluster, "sweep", "summary", str(sweep_dir))
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "| **best** |" in stdout, stderr
