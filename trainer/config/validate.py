@@ -130,6 +130,12 @@ def check_cross_group(config: Config) -> None:
                           f"objective.name={config.objective.name} trains on preference data only: leave data.replay "
                           "unset (or train with objective.name=sft)")
     _check_regularize(config)
+    if config.registry.auto:
+        from importlib.util import find_spec
+
+        if find_spec("mlflow") is None:  # found now, not after hours of training
+            raise ConfigError("registry.auto", "registers the run in MLflow, which is not installed: pip install "
+                              "'trainer[registry]' (or leave registry.auto=false and register later)")
     if config.data.val_path and not os.path.exists(config.data.val_path):
         raise ConfigError("data.val_path", f"{config.data.val_path!r} does not exist")
     forgetting = config.eval.forgetting_path
