@@ -68,7 +68,7 @@ def _run_tracking_uri(run_dir: str, explicit: str | None) -> str:
     return tracking_uri(explicit or os.environ.get("MLFLOW_TRACKING_URI") or configured, runs_dir)
 
 
-def _registry_errors(command):
+def registry_errors(command):
     """An MLflow store that cannot be reached or refuses a request: one line naming it, not a traceback."""
     import functools
 
@@ -90,7 +90,7 @@ def _registry_errors(command):
     return wrapped
 
 
-@_registry_errors
+@registry_errors
 def register_main(argv: list[str]) -> int:
     from trainer.gate import parse_requirement
 
@@ -142,7 +142,7 @@ def _short(metrics: dict) -> str:
     return "  ".join(f"{key.removeprefix('eval.')}={metrics[key]:.4g}" for key in keys if key in metrics)
 
 
-@_registry_errors
+@registry_errors
 def registry_main(argv: list[str]) -> int:
     from trainer.gate import parse_requirement
 

@@ -17,6 +17,7 @@ import sys
 import time
 
 from launch.cli_args import OneLineParser
+from launch.register import registry_errors
 from trainer.errors import UserError
 
 DESCRIPTION = """\
@@ -134,8 +135,12 @@ class Engine:
                          f"(its log: {self.log_path})")
 
 
+@registry_errors  # registry: references go through MLflow: a store that cannot be reached is one line
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    for name in ("context", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"serve: --{name} must be >= 1 (leave it out for the default)")
     check_port_free(args.host, args.port)
     engine_name = choose_engine(args.engine)
     from trainer.serve import llama_cpp, vllm
