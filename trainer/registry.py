@@ -130,14 +130,26 @@ def _read_wandb_id(run_dir: str) -> str | None:
         return fh.read().strip() or None
 
 
-def _lineage(run_dir: str, config) -> dict:
-    """RUN/lineage.json as training recorded it; a run from before lineage was recorded gets it computed now."""
-    from trainer.lineage import build_lineage, read_lineage
+def _lineage(run_dir: str, config_path: str) -> dict:
+    """RUN/lineage.json as training recorded it; a run from before lineage.json existed gets it computed now, from its
+    frozen config (whose data files may since have moved: then their paths are kept, without hashes)."""
+    from trainer.config.frozen import load_frozen
+    from trainer.lineage import build_lineage, code_identity, model_identity, read_lineage
 
     recorded = read_lineage(run_dir)
     if recorded is not None:
         return recorded
-    lineage = build_lineage(config, None)
+    try:
+        lineage = build_lineage(load_frozen(config_path), None)
+    except UserError:  # a check of the config against today's files (e.g. data.path) fails: record what is known
+        from trainer.run_identity import flatten, read_config_dict
+
+        flat = flatten(read_config_dict(config_path))
+        data = {key: {"path": value, "files": {}} for key, value in flat.items()
+                if value and (key.endswith("_path") or key.endswith(".path")) and key.split(".")[0] in (
+                    "data", "eval", "regularize")}
+        lineage = {"base_model": model_identity(flat.get("model.path")), "data": data, "data_fingerprint": None,
+                   "code": code_identity()}
     lineage["recorded"] = "at registration (the run predates lineage.json; its data may have changed since)"
     return lineage
 
@@ -166,7 +178,6 @@ class Registered:
 def register_run(run_dir: str, name: str, uri: str, aliases: list[str] = (), requirements: list[Requirement] = (),
                  merged: bool = False, description: str | None = None, log=print) -> Registered:
     """Register a finished run's final/ (or its adapter merged into the base) as a new version of `name`."""
-    from trainer.config.frozen import load_frozen
     from trainer.run_identity import read_config_dict
 
     run_dir = os.path.abspath(run_dir)
@@ -176,15 +187,17 @@ def register_run(run_dir: str, name: str, uri: str, aliases: list[str] = (), req
     if failure:
         raise UserError(f"register: {run_dir} is not registered: {failure}")
     config_path = os.path.join(run_dir, "config.yaml")
-    config = load_frozen(config_path)
+    # The plain frozen config: a typed load would check it against today's files (data moved since is no reason to
+    # refuse a finished run); the lineage training recorded names what it was made from.
+    config = read_config_dict(config_path)
     is_adapter = os.path.isfile(os.path.join(final, "adapter_config.json"))
     if merged and not is_adapter:
         raise UserError(f"register --merged: {run_dir} trained the full model, there is no adapter to merge: "
                         "register it without --merged")
     kind = "merged" if merged else ("adapter" if is_adapter else "model")
-    lineage = _lineage(run_dir, config)
+    lineage = _lineage(run_dir, config_path)
     tags = {**lineage_tags(lineage, run_dir, _read_wandb_id(run_dir)), "trainer.kind": kind,
-            "trainer.peft": config.peft.name}
+            "trainer.peft": str((config.get("peft") or {}).get("name"))}
     client = open_client(uri)
     experiment = client.get_experiment_by_name(EXPERIMENT)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(
@@ -192,7 +205,7 @@ def register_run(run_dir: str, name: str, uri: str, aliases: list[str] = (), req
     run = client.create_run(experiment_id, run_name=os.path.basename(run_dir), tags=tags)
     run_id = run.info.run_id
     try:
-        _log_params(client, run_id, read_config_dict(config_path))
+        _log_params(client, run_id, config)
         for key, value in metrics.items():
             client.log_metric(run_id, key, value)
         for file in ("config.yaml", "summary.json", "lineage.json", "loss_curve.png"):

@@ -132,3 +132,28 @@ def test_registry_auto_registers_the_finished_run(tmp_path):
     assert "registered auto-facts version 1 (alias candidate)" in result.stdout
     version = _client(store).get_model_version_by_alias("auto-facts", "candidate")
     assert version.tags["lineage.run_dir"] == str(run_dir)
+
+
+@pytest.mark.slow
+def test_a_run_whose_data_moved_since_training_registers_with_its_recorded_lineage(demo_run, tmp_path):
+    """Data on scratch space is often gone when a finished run is registered: the lineage training recorded names
+    it; a run from before lineage.json keeps the moved path, without a hash (and says it was computed later)."""
+    import shutil
+
+    moved = tmp_path / "moved-run"
+    shutil.copytree(demo_run, moved)
+    config = (moved / "config.yaml").read_text()
+    assert str(TRAIN_FILE) in config
+    (moved / "config.yaml").write_text(config.replace(str(TRAIN_FILE), str(tmp_path / "gone" / "train.jsonl")))
+    store = tmp_path / "store"
+    first = run_cli("register", str(moved), "--name", "moved", "--tracking-uri", str(store), timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (moved / "lineage.json").unlink()
+    second = run_cli("register", str(moved), "--name", "moved", "--tracking-uri", str(store), timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    client = _client(store)
+    recorded, computed = (client.get_model_version("moved", v).tags for v in ("1", "2"))
+    assert recorded["lineage.data.data.path.sha256"] == hashlib.sha256(_sha256(TRAIN_FILE).encode()).hexdigest()
+    assert computed["lineage.data.data.path"] == str(tmp_path / "gone" / "train.jsonl")
+    assert "lineage.data.data.path.sha256" not in computed and "lineage.data_fingerprint" not in computed
+    assert computed["lineage.base_model.config_sha256"] == _sha256(TINY / "config.json")
