@@ -43,10 +43,10 @@ class SourceResolver:
 
     def local(self, given: str, what: str) -> str:
         if given.startswith(REFERENCE_PREFIX):
-            from trainer.registry import find_version, local_model_dir, open_client
+            from trainer.registry import fetch_version
 
-            path = local_model_dir(given, self.registry_uri)
-            self.registry_tags[os.path.abspath(path)] = dict(find_version(open_client(self.registry_uri), given).tags)
+            path, version = fetch_version(given, self.registry_uri)
+            self.registry_tags[os.path.abspath(path)] = dict(version.tags)
             return path
         if not os.path.isdir(given):
             raise UserError(f"serve: {what} {given!r} is not a model dir, run dir or registry:NAME@ALIAS reference")

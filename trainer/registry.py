@@ -311,9 +311,10 @@ def promote(client, reference: str, alias: str, requirements: list[Requirement])
     return version
 
 
-def local_model_dir(reference: str, uri: str) -> str:
-    """registry:NAME@ALIAS (or /VERSION): the registered model's files, fetched from the artifact store if remote."""
+def fetch_version(reference: str, uri: str):
+    """registry:NAME@ALIAS (or /VERSION): (the registered model's local files, fetched from the artifact store if
+    remote; the version, with its lineage tags)."""
     import mlflow.artifacts
 
     version = find_version(open_client(uri), reference)
-    return mlflow.artifacts.download_artifacts(artifact_uri=version.source, tracking_uri=uri)
+    return mlflow.artifacts.download_artifacts(artifact_uri=version.source, tracking_uri=uri), version
