@@ -1,9 +1,10 @@
 """DPO on two gloo ranks under every sharding family gives single-process losses: pairs stay whole across ranks,
 the reference log-probs are computed in lockstep (sharded forwards) and summed, the loss is a mean over the global
-batch's pairs."""
+batch's pairs. Under ZeRO-3 the run then resumes exactly from a checkpoint on both ranks."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 COMMON = ("experiment=demo-dpo", "train.max_steps=3", "train.micro_batch_size=2", "train.global_batch_size=8",
           "eval.max_batches=0", "logger.progress=false", "logger.plot=false", "train.precision=fp32",
-          "peft.dropout=0", "optim.lr=2e-4")
+          "peft.dropout=0", "optim.lr=2e-4", "checkpoint.every_n_steps=2", "checkpoint.keep_last=0")
 
 
 def _train(run_dir: Path, *overrides: str, ranks: int) -> dict[int, float]:
@@ -22,6 +23,19 @@ def _train(run_dir: Path, *overrides: str, ranks: int) -> dict[int, float]:
                      timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return train_losses(run_dir)
+
+
+def _resumes_exactly(run_dir: Path, losses: dict[int, float], *overrides: str) -> None:
+    """The run started again from its step-2 checkpoint (final/ gone, as if it had died in step 3) trains step 3
+    again to the loss it had, against the reference log-probs it recorded, not recomputed."""
+    reference = (run_dir / "reference_logps.safetensors").read_bytes()
+    shutil.rmtree(run_dir / "final")
+    result = run_cli("train", f"run.dir={run_dir}", *COMMON, "launcher.nproc_per_node=2", *overrides, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "resumed from" in result.stderr and "step-000002" in result.stderr
+    assert "reference log-probs of" not in result.stderr
+    assert (run_dir / "reference_logps.safetensors").read_bytes() == reference
+    assert train_losses(run_dir)[3] == pytest.approx(losses[3], rel=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +54,8 @@ def test_dpo_on_two_ranks_matches_single_process(strategy, single, tmp_path):
     assert sorted(losses) == [1, 2, 3]
     for step, loss in expected.items():
         assert losses[step] == pytest.approx(loss, rel=1e-3), f"step {step}"
+    if strategy == "zero3":
+        _resumes_exactly(tmp_path / "run", losses, f"strategy={strategy}")
     # The eval's preference metrics are reduced over the ranks' shares of the validation pairs.
     evals = [r for r in read_metrics(tmp_path / "run") if "eval_logps_chosen" in r]
     expected_evals = [r for r in read_metrics(single) if "eval_logps_chosen" in r]

@@ -29,8 +29,12 @@ def _train(run_dir: Path, *overrides: str):
 @pytest.mark.parametrize("method", ["dpo", "ipo", "simpo", "orpo"])
 def test_every_method_trains_pairs_and_logs_its_metrics(method, tmp_path):
     run_dir = tmp_path / method
-    result = _train(run_dir, f"objective.name={method}")
+    # ORPO with TRL's NLL term (prompt and answer); its default, answer only, is the unit tests'
+    extra = ("objective.orpo_nll=sequence",) if method == "orpo" else ()
+    result = _train(run_dir, f"objective.name={method}", *extra)
     assert "preference pairs" in result.stderr and f"objective: {method}" in result.stderr
+    if method == "orpo":
+        assert "NLL over the chosen prompts and answers" in result.stderr
     steps = [r for r in read_metrics(run_dir) if "loss" in r]  # training steps (eval records: eval_*)
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     for record in steps:
@@ -88,6 +92,9 @@ def test_kto_trains_the_pairs_as_labelled_answers_and_logs_its_metrics(tmp_path)
     assert 0 <= summary["eval_after"]["preference_accuracy"] <= 1 and "kl" in summary["eval_after"]
 
 
+# make test resumes DPO on two ZeRO-3 ranks (tests/distributed/test_preference_strategies.py); this one process's
+# case runs in make test-all
+@pytest.mark.extended
 def test_dpo_resumes_exactly_from_a_checkpoint_with_its_recorded_reference(tmp_path):
     run_dir = tmp_path / "run"
     _train(run_dir, "checkpoint.every_n_steps=2", "checkpoint.keep_last=0")

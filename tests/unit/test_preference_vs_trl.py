@@ -145,8 +145,8 @@ def test_dpo_label_smoothing_equals_trls_conservative_sigmoid():
 
 
 def test_orpo_odds_ratio_equals_trls():
-    """ORPO = the chosen answer's mean NLL - TRL's odds-ratio term (ours takes the NLL over the answer tokens only,
-    as supervised fine-tuning does; TRL's ORPOTrainer takes it over prompt and answer)."""
+    """ORPO = the chosen answer's mean NLL - TRL's odds-ratio term (by default ours takes the NLL over the answer
+    tokens only, as supervised fine-tuning does; with orpo_nll=sequence over prompt and answer, as TRL: below)."""
     from trl.experimental.orpo.orpo_trainer import ORPOTrainer
 
     logps, tokens = _random_logps(seed=5)
@@ -156,6 +156,70 @@ def test_orpo_odds_ratio_equals_trls():
     odds_terms, expected_chosen, _, _, _ = ORPOTrainer.odds_ratio_loss(this, means[0], means[1])
     torch.testing.assert_close(losses, -means[0] - odds_terms, rtol=REL, atol=0)
     torch.testing.assert_close(chosen_rewards, expected_chosen, rtol=REL, atol=0)
+
+
+def _orpo_rows(tok):
+    """(chosen rows, rejected rows) of PAIRS: (token ids, prompt length), with BOS and EOS as TRL's ORPO has them."""
+    rows = {"chosen": [], "rejected": []}
+    for pair in PAIRS:
+        prompt = [tok.bos_token_id, *tok(pair["prompt"], add_special_tokens=False).input_ids]
+        for side in rows:
+            rows[side].append((prompt + tok(pair[side], add_special_tokens=False).input_ids + [tok.eos_token_id],
+                               len(prompt)))
+    return rows["chosen"], rows["rejected"]
+
+
+def _trl_orpo_loss(model, tok, chosen, rejected, beta: float):
+    """TRL's ORPOTrainer loss (its concatenated forward's NLL over prompt and answer, minus the odds-ratio term)."""
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    batch = {}
+    for side, rows in (("chosen", chosen), ("rejected", rejected)):
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.full((len(rows), width), tok.pad_token_id)
+        mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
+        for i, (seq, prompt) in enumerate(rows):
+            ids[i, :len(seq)], mask[i, :len(seq)] = torch.tensor(seq), 1
+            labels[i, prompt:len(seq)] = torch.tensor(seq[prompt:])
+        batch.update({f"{side}_input_ids": ids, f"{side}_attention_mask": mask, f"{side}_labels": labels})
+    this = types.SimpleNamespace(is_encoder_decoder=False, padding_value=tok.pad_token_id, aux_loss_enabled=False,
+                                 beta=beta, accelerator=types.SimpleNamespace(device="cpu"),
+                                 concatenated_inputs=ORPOTrainer.concatenated_inputs,
+                                 get_batch_logps=ORPOTrainer.get_batch_logps)
+    chosen_logps, rejected_logps, _, _, nll = ORPOTrainer.concatenated_forward(this, model, batch)
+    odds_terms = ORPOTrainer.odds_ratio_loss(this, chosen_logps, rejected_logps)[0]
+    return nll - odds_terms.mean()
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_orpo_with_its_nll_over_the_sequence_equals_trls_orpo_trainer(packing):
+    """objective.orpo_nll=sequence: TRL's NLL term (one mean over the chosen prompts' and answers' tokens), so the
+    whole ORPO loss is TRL's on the same model and batch, packed or not; the default (answer) differs by it."""
+    import numpy as np
+
+    from trainer.data.encode import EncodedSample
+    from trainer.data.loader import collate
+    from trainer.objectives.preference import collate_packed
+
+    tok = tokenizer()
+    model = tiny_model("llama-3.1", vocab_size=len(tok))
+    chosen, rejected = _orpo_rows(tok)
+    samples = [EncodedSample(np.array(seq), np.array([-100] * prompt + seq[prompt:])) for seq, prompt in
+               chosen + rejected]
+    if packing:
+        batch = collate_packed(samples, 2 * max(len(s.input_ids) for s in samples), tok.pad_token_id,
+                               model.config._attn_implementation)
+        assert batch.inputs["input_ids"].size(0) < len(samples)
+    else:
+        batch = collate(samples, tok.pad_token_id)
+    expected = _trl_orpo_loss(model, tok, chosen, rejected, beta=0.2)
+    losses = {}
+    for nll in ("sequence", "answer"):
+        objective = PreferenceObjective(ObjectiveConfig(name="orpo", beta=0.2, orpo_nll=nll),
+                                        SFTObjective(model, chunk_tokens=5, log=lambda m: None), log=lambda m: None)
+        losses[nll] = objective.pair_loss(model, batch)[0] / len(PAIRS)
+    assert losses["sequence"].item() == pytest.approx(expected.item(), rel=REL)
+    assert abs(losses["answer"].item() - expected.item()) > 1e-2
 
 
 def test_log1mexp_is_accurate_at_both_ends():

@@ -396,6 +396,9 @@ class ObjectiveConfig:
     beta: Optional[float] = None
     label_smoothing: float = 0.0  # DPO/SimPO: the assumed share of flipped labels (conservative DPO)
     simpo_gamma: float = 1.0  # SimPO's target reward margin
+    # ORPO's NLL term: answer (the chosen answer's mean token NLL, as the ORPO paper writes it and SFT masks) |
+    # sequence (the mean over the micro batch's chosen prompt and answer tokens, as TRL's ORPOTrainer takes it)
+    orpo_nll: str = "answer"
     # KTO: the weights of desirable and undesirable answers' losses; with unbalanced data, keep
     # desirable_weight x #desirable / (undesirable_weight x #undesirable) in [1, 4/3] (the KTO paper's advice)
     desirable_weight: float = 1.0
@@ -406,6 +409,7 @@ class ObjectiveConfig:
         non_negative(self.chunk_tokens, "chunk_tokens", "tokens")
         one_of(self.fused_kernel, FUSED_KERNELS, "fused_kernel")
         require(self.beta is None or self.beta > 0, "beta", f"must be > 0, got {self.beta}")
+        one_of(self.orpo_nll, ("answer", "sequence"), "orpo_nll")
         require(0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
         for key in ("desirable_weight", "undesirable_weight"):
             require(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")

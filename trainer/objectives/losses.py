@@ -8,7 +8,8 @@ for the reference-free SimPO/ORPO. `chosen`/`rejected` are sums of log-probabili
     dpo    -log sigmoid(beta * ((c - ref_c) - (r - ref_r))), label smoothing as conservative DPO
     ipo    ((c - ref_c)/n_c - (r - ref_r)/n_r - 1/(2 beta))^2   (per-token log-ratios, as TRL and the IPO authors)
     simpo  -log sigmoid(beta * (c/n_c - r/n_r) - gamma)        (no reference)
-    orpo   -c/n_c - beta * log sigmoid(log odds(c/n_c) - log odds(r/n_r))   (NLL of the chosen answer + odds ratio)
+    orpo   -c/n_c - beta * log sigmoid(log odds(c/n_c) - log odds(r/n_r))   (NLL of the chosen answer + odds ratio;
+           `nll` replaces -c/n_c: TRL's NLL over the chosen prompts and answers, objective.orpo_nll=sequence)
     kto    per answer y, z = (y - ref_y) the log-ratio, kl the batch's KL estimate (>= 0, no gradient):
            desirable  w_d * (1 - sigmoid(beta * (z - kl))),  undesirable  w_u * (1 - sigmoid(beta * (kl - z)))
 """
@@ -34,7 +35,8 @@ def log1mexp(x):
 
 
 def preference_losses(method: str, chosen, rejected, chosen_tokens, rejected_tokens, ref_chosen=None,
-                      ref_rejected=None, beta: float = 0.1, label_smoothing: float = 0.0, gamma: float = 1.0):
+                      ref_rejected=None, beta: float = 0.1, label_smoothing: float = 0.0, gamma: float = 1.0,
+                      nll=None):
     import torch.nn.functional as F
 
     if method in ("dpo", "ipo"):
@@ -51,7 +53,7 @@ def preference_losses(method: str, chosen, rejected, chosen_tokens, rejected_tok
         losses = _smoothed_sigmoid_loss(beta * (chosen_mean - rejected_mean) - gamma, label_smoothing)
     elif method == "orpo":
         log_odds = (chosen_mean - rejected_mean) - (log1mexp(chosen_mean) - log1mexp(rejected_mean))
-        losses = -chosen_mean - beta * F.logsigmoid(log_odds)
+        losses = (-chosen_mean if nll is None else nll) - beta * F.logsigmoid(log_odds)
     else:
         raise ValueError(f"unknown preference method {method!r}; expected one of {PREFERENCE_METHODS}")
     return losses, beta * chosen_mean.detach(), beta * rejected_mean.detach()

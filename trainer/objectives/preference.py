@@ -32,12 +32,14 @@ class PreferenceObjective:
         self.method = cfg.name
         self.beta = cfg.beta if cfg.beta is not None else DEFAULT_BETA[self.method]
         self.label_smoothing, self.gamma = cfg.label_smoothing, cfg.simpo_gamma
+        self.nll_over_sequence = self.method == "orpo" and cfg.orpo_nll == "sequence"
         self.sft = sft  # computes the log-probabilities (chunked) and the evaluation's token loss
         self.needs_reference = self.method not in REFERENCE_FREE
         self.reference = None  # trainer/objectives/reference.py's ReferenceLogps, set by the recipe
         log(f"objective: {self.method} (beta {self.beta:g}"
             + (f", label smoothing {self.label_smoothing:g}" if self.label_smoothing else "")
             + (f", gamma {self.gamma:g}" if self.method == "simpo" else "")
+            + (", NLL over the chosen prompts and answers" if self.nll_over_sequence else "")
             + (", reference: the starting policy's log-probs, computed once" if self.needs_reference else
                ", no reference model") + ")")
 
@@ -63,15 +65,35 @@ class PreferenceObjective:
             return collate(samples, pad_id, attention)
         return collate_packed(samples, self.packing_capacity, pad_id, attention)
 
-    def sequence_logps(self, model, batch, autocast=contextlib.nullcontext):
-        """(log-probability sums [2m], answer token counts [2m]) of the batch's samples."""
+    def sequence_logps(self, model, batch, autocast=contextlib.nullcontext, prompt_labels=None):
+        """(log-probability sums [2m], answer token counts [2m]) of the batch's samples; with `prompt_labels`
+        (see `chosen_prompt_labels`) also their prompts' log-probability sums [2m], from the same forward."""
         import torch
 
         if batch.spans is None:
             tokens = (batch.labels[:, 1:] != -100).sum(dim=1)
         else:  # a packed sample's first label is ignored by the collation, as an unpacked row's is by the shift
             tokens = torch.stack([(batch.labels[r, s + 1:e] != -100).sum() for r, s, e in batch.spans])
-        return -self.sft.row_loss_sums(model, batch.inputs, batch.labels, autocast, batch.spans), tokens
+        if prompt_labels is None:
+            return -self.sft.row_loss_sums(model, batch.inputs, batch.labels, autocast, batch.spans), tokens
+        answers, prompts = self.sft.row_loss_sums_of(model, batch.inputs, [batch.labels, prompt_labels], autocast,
+                                                     batch.spans)
+        return -answers, tokens, -prompts
+
+    @staticmethod
+    def chosen_prompt_labels(batch, m: int):
+        """Labels on the prompt tokens of the batch's first m samples (the chosen answers), -100 elsewhere: what
+        TRL's ORPO adds to its NLL term. A sample's first token is predicted by nothing, as in TRL's shift."""
+        import torch
+
+        labels = batch.labels
+        spans = batch.spans or [(i, 0, labels.size(1)) for i in range(labels.size(0))]
+        real = torch.zeros_like(labels, dtype=torch.bool)
+        for r, s, e in spans[:m]:
+            real[r, s + 1:e] = True
+        if batch.spans is None and batch.token_mask is not None:
+            real &= batch.token_mask.bool()
+        return torch.where(real & (labels == -100), batch.inputs["input_ids"], torch.full_like(labels, -100))
 
     # The raw sums pair_loss returns, in the order every rank reduces them; `summarise` turns them into metrics.
     stat_names = PAIR_METRICS
@@ -86,15 +108,23 @@ class PreferenceObjective:
         """(sum of the pairs' losses, {stat: sum over the pairs}) for a micro batch of m pairs; `reference`: the
         pairs' reference log-probs [m, 2] (chosen, rejected), for DPO/IPO. `padding`: an evaluation's filler batch,
         whose stats are not counted (KTO's batch-wide KL estimate leaves it out)."""
-        logps, tokens = self.sequence_logps(model, batch, autocast)
-        m = logps.size(0) // 2
+        m = batch.labels.size(0) // 2 if batch.spans is None else len(batch.spans) // 2
+        nll = None
+        if self.nll_over_sequence:
+            prompt_labels = self.chosen_prompt_labels(batch, m)
+            logps, tokens, prompt_logps = self.sequence_logps(model, batch, autocast, prompt_labels)
+            # TRL's term: one mean over all the micro batch's chosen tokens, given to each of its m pairs
+            chosen_tokens = tokens[:m].sum() + (prompt_labels != -100).sum()
+            nll = -(logps[:m].sum() + prompt_logps[:m].sum()) / chosen_tokens.clamp(min=1)
+        else:
+            logps, tokens = self.sequence_logps(model, batch, autocast)
         ref_chosen = ref_rejected = None
         if self.needs_reference:
             reference = reference.to(logps.device, logps.dtype)
             ref_chosen, ref_rejected = reference[:, 0], reference[:, 1]
         losses, chosen_rewards, rejected_rewards = preference_losses(
             self.method, logps[:m], logps[m:], tokens[:m], tokens[m:], ref_chosen, ref_rejected, beta=self.beta,
-            label_smoothing=self.label_smoothing, gamma=self.gamma)
+            label_smoothing=self.label_smoothing, gamma=self.gamma, nll=nll)
         detached = logps.detach()
         stats = {"rewards_chosen": chosen_rewards.sum(), "rewards_rejected": rejected_rewards.sum(),
                  "reward_margin": (chosen_rewards - rejected_rewards).sum(),

@@ -78,26 +78,34 @@ class SFTObjective:
         log-probability of the row's answer, for the preference objectives. Chunked as `loss_sum` is. `spans`: per
         sample of packed rows, (row, start, end); a sample's tokens predict only each other (the packed collation
         keeps attention and positions apart), so its sum is taken over its own span."""
+        return self.row_loss_sums_of(model, inputs, [labels], autocast, spans)[0]
+
+    def row_loss_sums_of(self, model, inputs: dict, label_sets: list, autocast=contextlib.nullcontext, spans=None):
+        """`row_loss_sums` for several label tensors over one forward: a list of per-sample sums, one per set."""
         import torch
 
         if spans is None:
-            spans = [(i, 0, labels.size(1)) for i in range(labels.size(0))]
+            spans = [(i, 0, label_sets[0].size(1)) for i in range(label_sets[0].size(0))]
         if self.unchunked_reason:
             with autocast():
                 logits = model(**inputs).logits
-            return torch.stack([token_loss_sum(logits[r:r + 1, s:e], labels[r:r + 1, s:e]) for r, s, e in spans])
+            return [torch.stack([token_loss_sum(logits[r:r + 1, s:e], labels[r:r + 1, s:e]) for r, s, e in spans])
+                    for labels in label_sets]
         with autocast():
             hidden = self.final_hidden_states(model, inputs)
             head = self.base.get_output_embeddings()
-            sums = []
-            for r, s, e in spans:
-                if self.fused is not None:
-                    sums.append(self.fused(head.weight.to(hidden.dtype),
-                                           *labelled_positions(hidden[r:r + 1, s:e], labels[r:r + 1, s:e])).float())
-                else:
-                    sums.append(chunked_cross_entropy_sum(hidden[r:r + 1, s:e], labels[r:r + 1, s:e], head,
-                                                          self.chunk_tokens, self.softcap))
-            return torch.stack(sums)
+            results = []
+            for labels in label_sets:
+                sums = []
+                for r, s, e in spans:
+                    if self.fused is not None:
+                        sums.append(self.fused(head.weight.to(hidden.dtype),
+                                               *labelled_positions(hidden[r:r + 1, s:e], labels[r:r + 1, s:e])).float())
+                    else:
+                        sums.append(chunked_cross_entropy_sum(hidden[r:r + 1, s:e], labels[r:r + 1, s:e], head,
+                                                              self.chunk_tokens, self.softcap))
+                results.append(torch.stack(sums))
+            return results
 
     def final_hidden_states(self, model, inputs: dict):
         """The decoder's output (after the final norm) from a forward of the whole model with no logits kept."""
