@@ -120,6 +120,8 @@ def peft_fields(peft, params) -> dict[str, Any]:
     targets = getattr(peft, "target_modules", None)
     if targets is not None:
         fields["target_modules"] = planner_targets(targets, params)
+    if getattr(peft, "experts", False):
+        fields["lora_experts"] = True
     if getattr(peft, "num_virtual_tokens", None) is not None:
         fields["num_virtual_tokens"] = peft.num_virtual_tokens
     if getattr(peft, "quant_type", None) is not None:  # qlora: nf4 | fp4

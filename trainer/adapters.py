@@ -77,6 +77,18 @@ def resolve_target_modules(model, targets, key: str = "peft.target_modules") -> 
     return names
 
 
+def fused_expert_parameters(model) -> list[str]:
+    """PEFT target_parameters for the fused 3-D expert weights of an MoE model's decoder layers (Mixtral in
+    transformers 5: `mlp.experts.gate_up_proj`, `mlp.experts.down_proj`), by their path below the layer."""
+    from trainer.freezing import layer_index
+
+    found = set()
+    for name, param in model.named_parameters():
+        if param.dim() == 3 and ".experts." in name and layer_index(name) is not None:
+            found.add(name.split(f".{layer_index(name)}.", 1)[1])
+    return sorted(found)
+
+
 # ------------------------------------------------------------------------------------------------- methods
 def build_peft_config(cfg, model):
     """Our `peft` section -> the PEFT library's config object."""
@@ -87,9 +99,15 @@ def build_peft_config(cfg, model):
         # all-linear is resolved here rather than by PEFT: PEFT's also wraps the fused 3-D expert weights of MoE models
         # (Mixtral in transformers 5), which its LoRA supports only without dropout; ours takes nn.Linear layers.
         targets = resolve_target_modules(model, cfg.target_modules)
+        experts = None
+        if getattr(cfg, "experts", False):
+            experts = fused_expert_parameters(model)
+            if not experts:
+                raise ConfigError("peft.experts", f"{type(model).__name__} has no fused expert weights (3-D "
+                                  "parameters under .experts.); set peft.experts=false")
         return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                               bias=cfg.bias, use_rslora=cfg.use_rslora, use_dora=cfg.name == "dora",
-                               modules_to_save=saved, task_type="CAUSAL_LM")
+                               target_parameters=experts, bias=cfg.bias, use_rslora=cfg.use_rslora,
+                               use_dora=cfg.name == "dora", modules_to_save=saved, task_type="CAUSAL_LM")
     if cfg.name == "ia3":
         if cfg.target_modules is None:
             return peft.IA3Config(modules_to_save=saved, task_type="CAUSAL_LM")  # PEFT's per-family defaults

@@ -126,6 +126,45 @@ def _merged_export_equals_the_adapter_on_its_base(base_dir, run_dir, out):
 
 
 @pytest.mark.slow
+def test_lora_on_mixtrals_fused_experts_trains_every_expert_and_merges(replicas, tmp_path):
+    """peft.experts=true: LoRA on each expert's gate/up and down weights as well (PEFT's target_parameters, rank r per
+    expert), counted as `trainer plan` counts it, merged like any adapter, refused as a GGUF adapter; and refused
+    before training where it cannot run."""
+    from safetensors import safe_open
+
+    from launch.plan import planner_targets
+    from tests.conftest import assert_one_line_error
+    from trainer.plan import count_parameters
+    from trainer.plan.trainable import count_trainable
+
+    run_dir = tmp_path / "run"
+    experts = ("peft.experts=true", "peft.dropout=0")
+    result = _train_briefly(replicas["mixtral"], run_dir, tmp_path / "cache", "optim.lr=1e-2", *experts)
+    adapter = json.loads((run_dir / "final" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_parameters"]) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    params = count_parameters(json.loads((replicas["mixtral"] / "config.json").read_text()))
+    planned = count_trainable(params, "lora", r=adapter["r"], target_modules=planner_targets("all-linear", params),
+                              experts=True)
+    assert f"trainable parameters: {planned.total:,} of" in result.stdout + result.stderr
+    with safe_open(str(run_dir / "final" / "adapter_model.safetensors"), "pt") as tensors:
+        expert_b = [tensors.get_tensor(k) for k in tensors.keys() if ".experts." in k and "lora_B" in k]
+    assert len(expert_b) == 2 * params.num_layers and all(b.abs().sum() > 0 for b in expert_b)  # trained from 0
+    _merged_export_equals_the_adapter_on_its_base(replicas["mixtral"], run_dir, tmp_path / "merged")
+    gguf = run_cli("export", str(run_dir), "--to", "gguf", "--out", str(tmp_path / "a.gguf"), timeout=300)
+    assert_one_line_error(gguf, "target_parameters", "--to gguf-model")
+    assert not (tmp_path / "a.gguf").exists()
+    for overrides, key in ((("peft.experts=true",), "peft.dropout"),
+                           ((*experts, "strategy=fsdp", "launcher.nproc_per_node=2"), "peft.experts")):
+        refused = run_cli("train", f"model.path={replicas['mixtral']}", f"data.path={CHAT}",
+                          f"run.dir={tmp_path / 'refused'}", *overrides, timeout=300)
+        assert_one_line_error(refused, key)
+    llama = run_cli("train", f"model.path={replicas['llama-3.1']}", f"data.path={CHAT}",
+                    f"run.dir={tmp_path / 'llama'}", *experts, f"paths.cache_dir={tmp_path / 'cache'}",
+                    "data.val_ratio=0", "train.micro_batch_size=1", "train.global_batch_size=1", timeout=300)
+    assert_one_line_error(llama, "peft.experts", "has no experts")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILY_LINEARS))
 def test_qlora_trains_every_family_and_generate_speaks_its_chat_format(family, replicas, tmp_path):
     run_dir = tmp_path / "run"

@@ -234,3 +234,31 @@ def test_trainable_count_matches_peft(variant, method, options):
     wrapped = peft.get_peft_model(model, _peft_config(method, options))
     expected = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
     assert count_trainable(count_parameters(arch), method, **options).total == expected
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_expert_lora_count_matches_the_adapters_the_trainer_builds():
+    """peft.experts=true: the planner's count equals what trainer/adapters.py makes PEFT create (rank r per expert on
+    the fused gate_up_proj and down_proj, beside all-linear's attention), and Mixtral-8x7B's figure at r=16."""
+    peft = pytest.importorskip("peft")
+    from launch.plan import planner_targets
+    from trainer.adapters import build_peft_config
+    from trainer.config.peft_schema import LoraConfig
+
+    model, arch = _tiny_model("mixtral")
+    wrapped = peft.get_peft_model(model, build_peft_config(LoraConfig(r=4, dropout=0.0, experts=True), model))
+    expected = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    params = count_parameters(arch)
+    counted = count_trainable(params, "lora", r=4, target_modules=planner_targets("all-linear", params), experts=True)
+    assert counted.total == expected
+    real = count_parameters(_model_conf("mixtral-8x7b")["arch"])
+    full = count_trainable(real, "lora", r=16, target_modules=planner_targets("all-linear", real), experts=True)
+    hidden, inter = 4096, 14336
+    assert full.total == 13_631_488 + 32 * 8 * 16 * ((hidden + 2 * inter) + (inter + hidden))  # 223,346,688
+    with pytest.raises(ValueError, match="no fused expert weights"):
+        count_trainable(count_parameters(_model_conf("llama-3.1-8b")["arch"]), "lora", experts=True)
+    from trainer.plan import PlanInputs, estimate_memory
+
+    with pytest.raises(ValueError, match="peft.experts"):  # what `trainer train` refuses, the planner marks n/a
+        estimate_memory(PlanInputs(_model_conf("mixtral-8x7b")["arch"], peft_method="lora", lora_experts=True,
+                                   strategy="fsdp", gpus_per_node=2))

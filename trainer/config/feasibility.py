@@ -32,3 +32,18 @@ def refusal(strategy: str, method: str, optimizer: str, param_offload: bool | No
             "and DTensor arguments): use optim=adamw with fsdp, or a DeepSpeed strategy (zero1/zero2/zero3) for "
             "8-bit or paged optimizers")
     return None
+
+
+# Strategies that shard parameters: FSDP2 and ZeRO-3 swap a layer's parameters in and out around its forward, while
+# PEFT's LoRA on fused expert weights re-parametrises the expert weight itself during that forward.
+EXPERT_LORA_REFUSED = ("fsdp", "fsdp_offload", "zero3", "zero3_offload")
+
+
+def experts_refusal(strategy: str) -> tuple[str, str] | None:
+    """(config key, why) when STRATEGY cannot train LoRA on fused MoE expert weights (peft.experts=true)."""
+    if strategy in EXPERT_LORA_REFUSED:
+        return "peft.experts", (
+            f"LoRA on fused expert weights is not supported with strategy={strategy}: it re-parametrises each "
+            "expert weight during the forward, where FSDP2/ZeRO-3 swap the sharded weights in and out; use single, "
+            "ddp, zero1 or zero2, or peft.experts=false")
+    return None

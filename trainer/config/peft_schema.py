@@ -52,6 +52,9 @@ class LoraConfig:
     bias: str = "none"  # none | lora_only | all
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r): high ranks keep learning instead of fading
     modules_to_save: List[str] = field(default_factory=list)  # modules trained in full, saved with the adapter
+    # MoE models whose experts are fused 3-D weights (Mixtral in transformers 5, which no module name reaches): LoRA
+    # on every expert's gate/up and down weights too, rank r per expert (PEFT's target_parameters). Needs dropout 0.
+    experts: bool = False
     # Start from an existing adapter of this shape (a PEFT adapter dir, or a run dir with final/) and train it on
     # (e.g. a second round on new data); null: a fresh adapter.
     init_from: Optional[str] = None
@@ -63,6 +66,12 @@ class LoraConfig:
         one_of(self.bias, ("none", "lora_only", "all"), "bias")
         _check_targets(self.target_modules)
         _check_module_names(self.modules_to_save, "modules_to_save")
+        # PEFT adds the experts' update to their weights, where no dropout on the input can be applied
+        require(not self.experts or self.dropout == 0, "dropout",
+                f"must be 0 with peft.experts=true (LoRA on fused expert weights has no input dropout), got "
+                f"{self.dropout}")
+        require(not self.experts or self.name != "dora", "experts", "DoRA has no form for fused expert weights: use "
+                "peft=lora or peft=qlora with peft.experts=true")
 
 
 @dataclass

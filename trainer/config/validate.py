@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from trainer.config.feasibility import refusal
+from trainer.config.feasibility import experts_refusal, refusal
 from trainer.config.schema import Config
 from trainer.errors import ConfigError
 from trainer.remote_code import shipped_code
@@ -184,6 +184,20 @@ BITSANDBYTES_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"
 _GATHER_DTYPE = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}  # train.precision -> dtype FSDP2/ZeRO-3 gathers in
 
 
+def _check_expert_lora(config: Config, planned_strategy: str) -> None:
+    """peft.experts=true needs an MoE model (known from its config.json before anything loads) and a strategy that
+    does not shard the expert weights."""
+    from trainer.config.defaults import model_architecture
+
+    refused = experts_refusal(planned_strategy)
+    if refused:
+        raise ConfigError(*refused)
+    arch = model_architecture(config.model)
+    if arch and not any(arch.get(key) for key in ("num_local_experts", "num_experts", "n_routed_experts")):
+        raise ConfigError("peft.experts", f"{arch.get('model_type', 'this model')} has no experts (no "
+                          "num_local_experts in its config): set peft.experts=false")
+
+
 def check_peft_optim_strategy(config: Config) -> None:
     """QLoRA, bitsandbytes optimizers, prompt learning and freezing against the strategy and precision."""
     import importlib.util
@@ -199,6 +213,8 @@ def check_peft_optim_strategy(config: Config) -> None:
     refused = refusal(planned, peft.name, optim.name, param_offload=deepspeed and strategy.offload_param != "none")
     if refused:
         raise ConfigError(*refused)
+    if getattr(peft, "experts", False):
+        _check_expert_lora(config, planned)
     if peft.name == "qlora":
         if config.model.init == "random":
             raise ConfigError("peft", "qlora quantises a pretrained checkpoint while loading it; model.init=random has "

@@ -43,7 +43,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from trainer.config.feasibility import refusal
+from trainer.config.feasibility import experts_refusal, refusal
 from trainer.objectives import CHUNKABLE_MODEL_TYPES, DEFAULT_CHUNK_TOKENS
 from trainer.plan.activations import (
     ATTENTION_IMPLEMENTATIONS,
@@ -83,6 +83,8 @@ class PlanInputs:
     lora_dropout: float = 0.0  # > 0 costs each adapter its own input copy and dropout mask (activations)
     target_modules: str | tuple[str, ...] | None = None  # None: all-linear (lora family), peft's defaults (ia3)
     num_virtual_tokens: int = 20
+    # LoRA on the fused MoE expert weights too (peft.experts): rank r per expert on gate_up_proj and down_proj
+    lora_experts: bool = False
     weight_precision: str | None = None  # frozen base storage; None: as trainer/model.py builds it (see below)
     double_quant: bool = True
     precision: str = "bf16-mixed"  # bf16-mixed | fp16-mixed | fp32 (bf16 and fp16 accepted, as in train.precision)
@@ -304,6 +306,8 @@ def _check_combination(inputs: PlanInputs) -> None:
             f"optimizer={inputs.optimizer} cannot be offloaded: ZeRO offload runs DeepSpeed's CPU Adam; use adamw"
         )
     refused = refusal(inputs.strategy, inputs.peft_method, inputs.optimizer)
+    if not refused and inputs.lora_experts:
+        refused = experts_refusal(inputs.strategy)
     if refused:
         raise ValueError(f"{refused[0]}: {refused[1]}")
     if inputs.resolved_weight_precision == "int8" and inputs.strategy in SHARDED_PARAM_STRATEGIES:
@@ -320,6 +324,7 @@ def estimate_memory(inputs: PlanInputs) -> MemoryEstimate:
         r=inputs.lora_r,
         target_modules=inputs.target_modules,
         num_virtual_tokens=inputs.num_virtual_tokens,
+        experts=inputs.lora_experts,
     )
     c = inputs.compute_bytes
     notes = list(params.notes)

@@ -119,11 +119,14 @@ def count_trainable(
     r: int = 16,
     target_modules: str | Sequence[str] | None = None,
     num_virtual_tokens: int = 20,
+    experts: bool = False,
 ) -> TrainableCount:
     """Count what a fine-tuning method trains on the architecture counted in ``params``.
 
     ``r`` is the LoRA/DoRA rank; ``target_modules`` defaults to ``"all-linear"`` for lora/dora/qlora and to peft's
-    per-family defaults for ia3; ``num_virtual_tokens`` applies to prompt and prefix tuning.
+    per-family defaults for ia3; ``num_virtual_tokens`` applies to prompt and prefix tuning. ``experts``: the fused
+    MoE expert weights carry LoRA too, as PEFT's target_parameters gives them (peft.experts): rank r per expert,
+    ``E * r * (in + out)`` per layer and weight.
     """
     method = normalise_method(peft_method)
     layers = params.num_layers
@@ -162,6 +165,13 @@ def count_trainable(
                     raise ValueError(f"peft has no DoRA for MoE expert parameters ({module.name}); target others")
                 per_copy += module.out_features
         per_module[module.name] = layers * module.copies * per_copy
+    if experts and method in ADAPTER_METHODS:
+        fused = tuple(m for m in params.linear_modules if m.copies > 1 and m.name not in per_module)
+        if not fused:
+            raise ValueError(f"{params.model_type} has no fused expert weights for LoRA (peft.experts)")
+        for module in fused:
+            per_module[module.name] = layers * module.copies * r * (module.in_features + module.out_features)
+        targeted = (*targeted, *fused)
     return TrainableCount(
         method,
         sum(per_module.values()),
