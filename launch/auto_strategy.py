@@ -72,6 +72,7 @@ def planner_inputs(config, strategy: str = "auto", precision: str | None = None,
                           optimizer=OPTIMIZER_NAMES.get(config.optim.name, config.optim.name), strategy=strategy,
                           gpus_per_node=world, micro_batch_size=rows,
                           seq_len=config.data.max_seq_len, gradient_checkpointing=config.train.gradient_checkpointing,
+                          activation_offloading=config.train.activation_offloading,
                           attention=config.model.attn_implementation,
                           loss_chunk_tokens=config.objective.chunk_tokens,
                           anchor_copies=config.regularize.anchor_copies), source

@@ -222,6 +222,7 @@ def build_request(sections: dict[str, Any]) -> PlanRequest:
             micro_batch_size=train.micro_batch_size * rows_per_example,
             seq_len=sections["data"].max_seq_len,
             gradient_checkpointing=train.gradient_checkpointing,
+            activation_offloading=train.activation_offloading,
             attention=model.attn_implementation,
             loss_chunk_tokens=sections["objective"].chunk_tokens,
             anchor_copies=sections["regularize"].anchor_copies,

@@ -29,6 +29,11 @@ class RouterLoss:
         if module.training:  # evaluation and generation leave no logits behind
             self._logits.append(output[0] if isinstance(output, tuple) else output)
 
+    def discard(self) -> None:
+        """Forget what was captured since the last pop: with activation checkpointing, backward recomputes each
+        layer's forward, routers included, and those logits (of a finished graph) must not join the next loss."""
+        self._logits = []
+
     def pop(self, token_mask=None):
         """coef x the loss for the forward pass just run (0 if it captured nothing), and forget its logits."""
         from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func

@@ -119,6 +119,9 @@ class Recipe:
         # the MoE routers' outputs for the load-balancing loss are all switched off. Evaluation restores this mode.
         model.train()
         self.logger.info(str(parameter_report(self.strategy.unwrap(model))))
+        if self.config.train.activation_offloading:
+            self.logger.info("train.activation_offloading: each checkpointed layer's input waits in host memory from "
+                             "the forward until backward recomputes the layer")
         if self.strategy.compiled_layers:
             self.logger.info(f"train.compile: {self.strategy.compiled_layers} decoder layers, compiled by their first "
                              "step (and once more when the row length first changes)")
@@ -337,6 +340,8 @@ class Recipe:
                 batch_rows, self.tokenizer.pad_token_id, cfg.model.attn_implementation).to(strategy.device)
             num_tokens += batch.num_tokens
             with strategy.microbatch(self.model, is_last=index == len(micro_batches) - 1):
+                if self.router_loss:
+                    self.router_loss.discard()
                 if self.pairs:
                     reference = self.reference["train"][micro] if self.reference else None
                     micro_loss_sum, stats = self.objective.pair_loss(self.model, batch, reference, strategy.autocast)

@@ -168,8 +168,11 @@ def test_lora_on_mixtrals_fused_experts_trains_every_expert_and_merges(replicas,
 @pytest.mark.parametrize("family", list(FAMILY_LINEARS))
 def test_qlora_trains_every_family_and_generate_speaks_its_chat_format(family, replicas, tmp_path):
     run_dir = tmp_path / "run"
-    trained = _train_briefly(replicas[family], run_dir, tmp_path / "cache", "peft=qlora")
+    # As a small GPU runs QLoRA: checkpointed layers, their inputs offloaded to host memory
+    trained = _train_briefly(replicas[family], run_dir, tmp_path / "cache", "peft=qlora",
+                             "train.gradient_checkpointing=true", "train.activation_offloading=true")
     assert read_summary(run_dir)["status"] == "completed"
+    assert "train.activation_offloading: each checkpointed layer's input" in trained.stdout + trained.stderr
     answer = run_cli("generate", str(run_dir), "Hello there", "--json", "--max-new-tokens", "4", timeout=300)
     assert answer.returncode == 0, answer.stderr[-2000:]
     # Known-harmless third-party notices are silenced (trainer/quiet.py): bitsandbytes' optional hub kernel, and

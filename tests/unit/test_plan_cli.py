@@ -256,10 +256,11 @@ def test_a_run_that_does_not_fit_is_shown_the_cheap_knobs_first_with_their_figur
     report = plan_json(*overrides)
     assert not report["configured"]["fits"]
     knobs = {" ".join(k["overrides"]): k for k in report["configured"]["cheap_knobs"]}
-    alone = ("train.gradient_checkpointing=true", "objective.chunk_tokens=256", "train.micro_batch_size=1",
-             "optim=adamw_8bit")
+    alone = ("train.gradient_checkpointing=true", "train.gradient_checkpointing=true train.activation_offloading=true",
+             "objective.chunk_tokens=256", "train.micro_batch_size=1", "optim=adamw_8bit")
     assert all(key in knobs and not knobs[key]["fits"] for key in alone), list(knobs)
-    together = knobs[" ".join(alone)]
+    together = knobs["train.gradient_checkpointing=true train.activation_offloading=true objective.chunk_tokens=256 "
+                     "train.micro_batch_size=1 optim=adamw_8bit"]
     assert together["fits"] and not together["changes_the_job"]
     assert knobs["data.max_seq_len=1024"]["changes_the_job"]
     total = report["configured"]["bytes_per_gpu"]["total"]

@@ -364,6 +364,9 @@ class TrainConfig:
     # auto (bf16 on GPUs that have it, fp32 on CPU) | fp32 | bf16 | fp16 (fp16 uses dynamic loss scaling)
     precision: str = "auto"
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    # with gradient checkpointing: each checkpointed layer's input waits in host memory (page-locked) from the forward
+    # until backward recomputes the layer, so one layer input stays on the GPU instead of all of them
+    activation_offloading: bool = False
     deterministic: bool = False  # deterministic kernels (slower; bit-exact reruns)
     # torch.compile each decoder layer (inductor): faster steps once compiled, after a compile of tens of seconds at
     # the start (and one more when row lengths first vary); single, ddp and fsdp (trainer/strategy/compile.py)
@@ -380,6 +383,8 @@ class TrainConfig:
         require(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
         require(self.global_batch_size >= 1, "global_batch_size", f"must be >= 1, got {self.global_batch_size}")
         one_of(self.precision, PRECISIONS, "precision")
+        require(not self.activation_offloading or self.gradient_checkpointing, "activation_offloading",
+                "needs train.gradient_checkpointing=true: what it offloads are the checkpointed layers' inputs")
 
 
 @dataclass

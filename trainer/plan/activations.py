@@ -219,14 +219,25 @@ def model_activation_bytes(
     micro_batch: int,
     setting: ActivationSetting,
     gradient_checkpointing: bool,
+    offload: bool = False,
 ) -> int:
-    """All decoder layers plus the head, with or without per-layer activation checkpointing (logits excluded)."""
+    """All decoder layers plus the head, with or without per-layer activation checkpointing (logits excluded).
+    `offload` (train.activation_offloading): the checkpointed layers' inputs wait in host memory, so one of them (the
+    layer being recomputed) is on the GPU instead of all of them (`offloaded_input_bytes` is what moves)."""
     layer = layer_activation_bytes(params, trainable, seq_len, micro_batch, setting)
     head = head_activation_bytes(params, trainable, seq_len, micro_batch, setting)
     if not gradient_checkpointing:
         return params.num_layers * layer + head
-    layer_inputs = params.num_layers * setting.residual_bytes(trainable) * params.hidden_size * seq_len * micro_batch
-    return layer_inputs + layer + head
+    kept = 1 if offload else params.num_layers
+    return kept * layer_input_bytes(params, trainable, seq_len, micro_batch, setting) + layer + head
+
+
+def layer_input_bytes(
+    params: ParamCount, trainable: TrainableCount, seq_len: int, micro_batch: int, setting: ActivationSetting
+) -> int:
+    """One checkpointed decoder layer's input (the residual stream): what a checkpointed layer keeps, and what
+    activation offloading moves to host memory, per layer and micro batch."""
+    return setting.residual_bytes(trainable) * params.hidden_size * seq_len * micro_batch
 
 
 def logits_bytes(params: ParamCount, seq_len: int, micro_batch: int, setting: ActivationSetting) -> int:

@@ -1,5 +1,6 @@
 """What to turn before adding GPUs: for a run that does not fit, the figure each cheap knob gives on the same GPUs
-(activation checkpointing, the chunked loss, a smaller micro batch, an 8-bit optimizer, a shorter sequence), then
+(activation checkpointing, activation offloading, the chunked loss, a smaller micro batch, an 8-bit optimizer, a
+shorter sequence), then
 all of the free ones together. `trainer plan` prints them under a configured run that does not fit."""
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ def cheap_knobs(inputs: PlanInputs, gpu_memory_gib: float, host_memory_gib: floa
     variants: list[tuple[tuple[str, ...], dict, bool]] = []
     if not inputs.gradient_checkpointing:
         variants.append((("train.gradient_checkpointing=true",), {"gradient_checkpointing": True}, False))
+    if not inputs.activation_offloading:
+        variants.append((("train.gradient_checkpointing=true", "train.activation_offloading=true")
+                         if not inputs.gradient_checkpointing else ("train.activation_offloading=true",),
+                         {"gradient_checkpointing": True, "activation_offloading": True}, False))
     if not inputs.loss_chunk_tokens:
         variants.append(((f"objective.chunk_tokens={DEFAULT_CHUNK_TOKENS}",),
                          {"loss_chunk_tokens": DEFAULT_CHUNK_TOKENS}, False))
@@ -55,8 +60,8 @@ def cheap_knobs(inputs: PlanInputs, gpu_memory_gib: float, host_memory_gib: floa
             together[overrides] = changes
     if len(together) > 1:
         merged = {key: value for changes in together.values() for key, value in changes.items()}
-        knobs.append(_knob(inputs, tuple(o for group in together for o in group), merged, False, gpu_memory_gib,
-                           host_memory_gib))
+        overrides = tuple(dict.fromkeys(o for group in together for o in group))  # each once, in order
+        knobs.append(_knob(inputs, overrides, merged, False, gpu_memory_gib, host_memory_gib))
     return [knob for knob in knobs if knob is not None]
 
 

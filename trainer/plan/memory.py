@@ -95,6 +95,8 @@ class PlanInputs:
     micro_batch_size: int = 1
     seq_len: int = 2048
     gradient_checkpointing: bool = True
+    # the checkpointed layers' inputs in host memory between forward and backward (train.activation_offloading)
+    activation_offloading: bool = False
     attention: str = "sdpa"  # eager | sdpa | flash (flash_attention_2 accepted, as in model.attn_implementation)
     # The loss over chunks of this many tokens, as trainer/objectives/ computes it (objective.chunk_tokens); 0:
     # unchunked. Families the trainer does not chunk (and prompt/prefix tuning) are planned unchunked.
@@ -344,8 +346,9 @@ def estimate_memory(inputs: PlanInputs) -> MemoryEstimate:
                                 loss_chunk_tokens=effective_loss_chunk_tokens(inputs, params, trainable))
     if effective_attention(params, inputs.attention) != inputs.attention:
         notes.append("transformers has no SDPA for gemma2: counted eager attention (set attention=flash to avoid)")
+    offload = inputs.activation_offloading and inputs.gradient_checkpointing
     activations = model_activation_bytes(
-        params, trainable, seq_len, inputs.micro_batch_size, setting, inputs.gradient_checkpointing
+        params, trainable, seq_len, inputs.micro_batch_size, setting, inputs.gradient_checkpointing, offload
     )
     logits = logits_bytes(params, seq_len, inputs.micro_batch_size, setting)
     notes.extend(_setup_notes(inputs, trainable))

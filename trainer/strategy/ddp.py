@@ -18,7 +18,7 @@ class DDPStrategy(StrategyBase):
 
         model = build_model()
         if self.train_cfg.gradient_checkpointing:
-            apply_activation_checkpointing(model)
+            apply_activation_checkpointing(model, self.train_cfg.activation_offloading)
         model.to(self.device)
         self.compile_if_asked(model)
         device_ids = [self.device.index] if self.device.type == "cuda" else None

@@ -99,7 +99,7 @@ class DeepSpeedStrategy(StrategyBase):
         if self.train_cfg.gradient_checkpointing:
             from trainer.strategy.precision import apply_activation_checkpointing
 
-            apply_activation_checkpointing(model)
+            apply_activation_checkpointing(model, self.train_cfg.activation_offloading)
         optimizer = build_optimizer(model)
         if self.cfg.offload_optimizer != "none":
             optimizer = _to_cpu_adam(optimizer)

@@ -32,6 +32,10 @@ class FSDPStrategy(StrategyBase):
         full_state = model.state_dict() if self.is_main else {}
         if self.train_cfg.gradient_checkpointing:
             apply_layer_checkpointing(model)
+            if self.train_cfg.activation_offloading:
+                from trainer.activation_offload import offload_checkpointed_inputs
+
+                offload_checkpointed_inputs(model)
         compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         options = {
             "mp_policy": MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32),

@@ -24,12 +24,17 @@ def build_grad_scaler(device, precision: str):
     return torch.amp.GradScaler(device.type)
 
 
-def apply_activation_checkpointing(model) -> None:
-    """Recompute activations in backward: Hugging Face's per-layer checkpointing, non-reentrant."""
+def apply_activation_checkpointing(model, offload: bool = False) -> None:
+    """Recompute activations in backward: Hugging Face's per-layer checkpointing, non-reentrant. `offload`
+    (train.activation_offloading): the layers' inputs wait in host memory meanwhile (trainer/activation_offload.py)."""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "enable_input_require_grads"):
         # With frozen embeddings (LoRA) the checkpointed blocks' inputs need grads for backward to reach them.
         model.enable_input_require_grads()
+    if offload:
+        from trainer.activation_offload import offload_checkpointed_inputs
+
+        offload_checkpointed_inputs(model)
 
 
 def clip_and_step(optimizer, max_grad_norm: float, scaler=None) -> tuple[float, bool]:

@@ -23,7 +23,7 @@ class SingleDeviceStrategy(StrategyBase):
     def setup(self, build_model, build_optimizer):
         model = build_model()
         if self.train_cfg.gradient_checkpointing:
-            apply_activation_checkpointing(model)
+            apply_activation_checkpointing(model, self.train_cfg.activation_offloading)
         model.to(self.device)
         self.compile_if_asked(model)
         return model, build_optimizer(model)
