@@ -128,6 +128,8 @@ def peft_fields(peft, params) -> dict[str, Any]:
         fields["weight_precision"] = peft.quant_type
     if getattr(peft, "double_quant", None) is not None:
         fields["double_quant"] = peft.double_quant
+    if getattr(peft, "quantize_lm_head", False):
+        fields["quantize_lm_head"] = True
     return fields
 
 

@@ -89,8 +89,11 @@ def quantization_config(peft_cfg, precision: str):
 
     compute = precision if peft_cfg.compute_dtype == "auto" else peft_cfg.compute_dtype
     storage = torch.uint8 if peft_cfg.quant_storage == "uint8" else torch_dtype(peft_cfg.quant_storage)
+    # transformers leaves the output layer unquantised by default; an empty skip list quantises it too (the embedding
+    # is an nn.Embedding, which bitsandbytes never replaces)
+    skip = [] if getattr(peft_cfg, "quantize_lm_head", False) else None
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=peft_cfg.quant_type,
-                              bnb_4bit_use_double_quant=peft_cfg.double_quant,
+                              bnb_4bit_use_double_quant=peft_cfg.double_quant, llm_int8_skip_modules=skip,
                               bnb_4bit_compute_dtype=torch_dtype(compute), bnb_4bit_quant_storage=storage)
 
 
@@ -165,6 +168,9 @@ def build_model(model_cfg: ModelConfig, peft_cfg, precision: str, on_meta: bool 
 
     quantization = quantization_config(peft_cfg, precision)
     if quantization is not None:
+        if getattr(peft_cfg, "quantize_lm_head", False) and load_model_config(model_cfg).tie_word_embeddings:
+            raise ConfigError("peft.quantize_lm_head", "this model's lm_head is its embedding (tie_word_embeddings), "
+                              "which stays in the compute dtype: set peft.quantize_lm_head=false")
         model = load_quantized_model(model_cfg, quantization, quantization.bnb_4bit_compute_dtype)
         model = apply_peft(freeze_quantized_base(apply_kernels(model, model_cfg.kernels)), peft_cfg)
         if all_in_compute_dtype:

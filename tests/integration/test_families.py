@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.conftest import REPO, read_summary, run_cli, train_losses
+from tests.conftest import REPO, assert_one_line_error, read_summary, run_cli, train_losses
 
 FAMILY_LINEARS = {  # what LoRA's all-linear must reach in each family (module names differ)
     "llama-2": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
@@ -133,7 +133,6 @@ def test_lora_on_mixtrals_fused_experts_trains_every_expert_and_merges(replicas,
     from safetensors import safe_open
 
     from launch.plan import planner_targets
-    from tests.conftest import assert_one_line_error
     from trainer.plan import count_parameters
     from trainer.plan.trainable import count_trainable
 
@@ -168,9 +167,11 @@ def test_lora_on_mixtrals_fused_experts_trains_every_expert_and_merges(replicas,
 @pytest.mark.parametrize("family", list(FAMILY_LINEARS))
 def test_qlora_trains_every_family_and_generate_speaks_its_chat_format(family, replicas, tmp_path):
     run_dir = tmp_path / "run"
-    # As a small GPU runs QLoRA: checkpointed layers, their inputs offloaded to host memory
+    # As a small GPU runs QLoRA: checkpointed layers, their inputs offloaded to host memory; Llama 3.1's 128k-row
+    # lm_head in 4 bits too, as torchtune's QLoRA has it (a tied head, Llama 3.2's, is refused)
+    head = ("peft.quantize_lm_head=true",) if family == "llama-3.1" else ()
     trained = _train_briefly(replicas[family], run_dir, tmp_path / "cache", "peft=qlora",
-                             "train.gradient_checkpointing=true", "train.activation_offloading=true")
+                             "train.gradient_checkpointing=true", "train.activation_offloading=true", *head)
     assert read_summary(run_dir)["status"] == "completed"
     assert "train.activation_offloading: each checkpointed layer's input" in trained.stdout + trained.stderr
     answer = run_cli("generate", str(run_dir), "Hello there", "--json", "--max-new-tokens", "4", timeout=300)
@@ -182,6 +183,10 @@ def test_qlora_trains_every_family_and_generate_speaks_its_chat_format(family, r
             assert notice not in output, (notice, output[-3000:])
     record = json.loads(answer.stdout.strip().splitlines()[-1])
     assert TURN_MARKERS[family] in record["input"] and "Hello there" in record["input"]
+    if family == "llama-3.2":
+        tied = run_cli("train", f"model.path={replicas[family]}", f"data.path={CHAT}", f"run.dir={tmp_path / 'tied'}",
+                       "peft=qlora", "peft.quantize_lm_head=true", timeout=300)
+        assert_one_line_error(tied, "peft.quantize_lm_head", "tie_word_embeddings")
 
 
 @pytest.mark.slow  # tied embeddings, biases, MoE router, soft-capping, fused projections:

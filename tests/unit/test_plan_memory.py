@@ -385,8 +385,9 @@ def test_layer_activations_match_saved_tensors(model_type, attention, method, op
 
 
 @pytest.mark.filterwarnings("ignore")
-@pytest.mark.parametrize(("quant", "double_quant"), [("nf4", True), ("nf4", False), ("int8", False)])
-def test_quantized_bytes_match_bitsandbytes(tmp_path, quant, double_quant):
+@pytest.mark.parametrize(("quant", "double_quant", "quantize_lm_head"),
+                         [("nf4", True, False), ("nf4", False, False), ("int8", False, False), ("nf4", True, True)])
+def test_quantized_bytes_match_bitsandbytes(tmp_path, quant, double_quant, quantize_lm_head):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("bitsandbytes")
@@ -396,6 +397,11 @@ def test_quantized_bytes_match_bitsandbytes(tmp_path, quant, double_quant):
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
     if quant == "int8":
         quantization = transformers.BitsAndBytesConfig(load_in_8bit=True)
+    elif quantize_lm_head:  # the trainer's own QLoRA config, with peft.quantize_lm_head=true
+        from trainer.config.peft_schema import QLoraConfig
+        from trainer.model import quantization_config
+
+        quantization = quantization_config(QLoraConfig(quantize_lm_head=True), "bf16")
     else:
         quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                        bnb_4bit_use_double_quant=double_quant,
@@ -416,4 +422,5 @@ def test_quantized_bytes_match_bitsandbytes(tmp_path, quant, double_quant):
                 total += state.state2.absmax.numel() * state.state2.absmax.element_size() + state.offset.numel() * 4
         if getattr(parameter, "SCB", None) is not None:
             total += parameter.SCB.numel() * parameter.SCB.element_size()
-    assert frozen_weight_bytes(count_parameters(config.to_dict()), quant, 2, double_quant) == total
+    assert type(model.lm_head).__name__ == ("Linear4bit" if quantize_lm_head else "Linear")
+    assert frozen_weight_bytes(count_parameters(config.to_dict()), quant, 2, double_quant, quantize_lm_head) == total

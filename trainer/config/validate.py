@@ -216,6 +216,13 @@ def check_peft_optim_strategy(config: Config) -> None:
     if getattr(peft, "experts", False):
         _check_expert_lora(config, planned)
     if peft.name == "qlora":
+        if peft.quantize_lm_head:
+            from trainer.config.defaults import model_architecture
+
+            if model_architecture(config.model).get("tie_word_embeddings"):
+                raise ConfigError("peft.quantize_lm_head", "this model's lm_head is its embedding "
+                                  "(tie_word_embeddings), which stays in the compute dtype: set "
+                                  "peft.quantize_lm_head=false")
         if config.model.init == "random":
             raise ConfigError("peft", "qlora quantises a pretrained checkpoint while loading it; model.init=random has "
                               "none (use peft=lora to train fresh weights)")

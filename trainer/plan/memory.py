@@ -87,6 +87,7 @@ class PlanInputs:
     lora_experts: bool = False
     weight_precision: str | None = None  # frozen base storage; None: as trainer/model.py builds it (see below)
     double_quant: bool = True
+    quantize_lm_head: bool = False  # a quantised base's (untied) lm_head quantised too (peft.quantize_lm_head)
     precision: str = "bf16-mixed"  # bf16-mixed | fp16-mixed | fp32 (bf16 and fp16 accepted, as in train.precision)
     optimizer: str = "adamw"
     strategy: str = "single"  # one of STRATEGIES, or auto (resolved by table.choose_auto_strategy)
@@ -242,16 +243,27 @@ def quantized_linear_bytes(module: LinearModule, precision: str, double_quant: b
 
 
 def frozen_weight_bytes(
-    params: ParamCount, weight_precision: str, compute_bytes: int, double_quant: bool = True
+    params: ParamCount, weight_precision: str, compute_bytes: int, double_quant: bool = True,
+    quantize_lm_head: bool = False,
 ) -> int:
     """Bytes of the whole model stored as a frozen base: float formats throughout, or quantised decoder linears
-    with everything else (embeddings, norms, lm_head, biases, routers, MoE experts) in the compute dtype."""
+    with everything else (embeddings, norms, lm_head, biases, routers, MoE experts) in the compute dtype; with
+    `quantize_lm_head`, an untied lm_head quantised too."""
     if weight_precision in FLOAT_WEIGHT_BYTES:
         return params.total * FLOAT_WEIGHT_BYTES[weight_precision]
     quantized = params.num_layers * sum(
         quantized_linear_bytes(m, weight_precision, double_quant) for m in params.linear_modules if m.quantizable
     )
-    return quantized + (params.total - params.quantizable) * compute_bytes
+    unquantized = params.total - params.quantizable
+    if quantize_lm_head and params.lm_head:
+        quantized += lm_head_quantized_bytes(params, weight_precision, double_quant)
+        unquantized -= params.lm_head
+    return quantized + unquantized * compute_bytes
+
+
+def lm_head_quantized_bytes(params: ParamCount, weight_precision: str, double_quant: bool = True) -> int:
+    return quantized_linear_bytes(LinearModule("lm_head", params.hidden_size, params.vocab_size), weight_precision,
+                                  double_quant)
 
 
 def _unit_weight_bytes(params: ParamCount, inputs: PlanInputs, trainable: TrainableCount) -> list[int]:
@@ -265,7 +277,10 @@ def _unit_weight_bytes(params: ParamCount, inputs: PlanInputs, trainable: Traina
     gathered_as = stored if stored in QUANTIZED_WEIGHTS else {2: "bf16", 4: "fp32"}[c]
     layer = frozen_weight_bytes(one_layer, gathered_as, c, inputs.double_quant)
     layer += c * _adapter_params_per_layer(params, trainable)
-    return [c * params.fsdp_units()[0], *([layer] * params.num_layers)]
+    root = c * params.fsdp_units()[0]
+    if inputs.quantize_lm_head and stored in QUANTIZED_WEIGHTS and params.lm_head:
+        root += lm_head_quantized_bytes(params, stored, inputs.double_quant) - c * params.lm_head
+    return [root, *([layer] * params.num_layers)]
 
 
 def _gathered_bytes(params: ParamCount, inputs: PlanInputs, trainable: TrainableCount) -> int:
@@ -382,7 +397,8 @@ def _model_state_bytes(
     if not trainable.is_full:
         # What a quantised base leaves unquantised (embeddings, norms, lm_head): compute dtype, fp32 if k-bit prepared.
         remainder = 4 if kbit_prepared(inputs) else c
-        frozen = frozen_weight_bytes(params, inputs.resolved_weight_precision, remainder, inputs.double_quant)
+        frozen = frozen_weight_bytes(params, inputs.resolved_weight_precision, remainder, inputs.double_quant,
+                                     inputs.quantize_lm_head)
     t = trainable.total
     copy_bytes, master_bytes = (2, 4) if mixed else (4, 0)
     # torch autocast and FSDP2 (reduce_dtype fp32) keep fp32 gradients; DeepSpeed bf16 keeps 16-bit ones.
