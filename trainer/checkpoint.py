@@ -51,6 +51,23 @@ def write_json_atomically(path: str, payload: dict) -> None:
     _fsync_dir(os.path.dirname(path) or ".")
 
 
+def remove_stale_temporaries(run_dir: str) -> list[str]:
+    """Delete the half-written files (NAME.tmp.PID: every atomic write here writes one, then renames it into place)
+    that a process killed mid-write left at the top of RUN_DIR; returns their names. Called by rank 0 as a run
+    starts: the run lock keeps every other job out and this run has written nothing yet, so each one is a leftover,
+    never a write in progress. (Checkpoint dirs clean up their own: see save.)"""
+    import re
+
+    stale = re.compile(r"\.tmp\.\d+$")
+    removed = []
+    for name in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
+        path = os.path.join(run_dir, name)
+        if stale.search(name) and os.path.isfile(path):
+            os.remove(path)
+            removed.append(name)
+    return removed
+
+
 def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
 

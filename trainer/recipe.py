@@ -531,8 +531,13 @@ def run_training(config: Config, on_exit_code=None) -> int:
     recipe = Recipe(config)
     try:
         if recipe.strategy.is_main:  # what this run is made from, for `trainer register` (trainer/lineage.py)
+            from trainer.checkpoint import remove_stale_temporaries
             from trainer.lineage import write_lineage
 
+            removed = remove_stale_temporaries(config.run.dir)
+            if removed:
+                recipe.logger.info(f"removed {len(removed)} half-written file(s) an earlier start left when it was "
+                                   f"killed: {', '.join(removed)}")
             write_lineage(config.run.dir, config, recipe.data.fingerprint)
         summary = recipe.train()
         summary["wall_seconds"] = round(time.time() - started, 1)

@@ -30,11 +30,15 @@ def _resumes_exactly(run_dir: Path, losses: dict[int, float], *overrides: str) -
     again to the loss it had, against the reference log-probs it recorded, not recomputed."""
     reference = (run_dir / "reference_logps.safetensors").read_bytes()
     shutil.rmtree(run_dir / "final")
+    # an earlier start killed while it rewrote the reference file left its temporary beside it
+    stale = run_dir / "reference_logps.safetensors.tmp.4242"
+    stale.write_bytes(reference[:100])
     result = run_cli("train", f"run.dir={run_dir}", *COMMON, "launcher.nproc_per_node=2", *overrides, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "resumed from" in result.stderr and "step-000002" in result.stderr
     assert "reference log-probs of" not in result.stderr
     assert (run_dir / "reference_logps.safetensors").read_bytes() == reference
+    assert not stale.exists() and "reference_logps.safetensors.tmp.4242" in result.stderr
     assert train_losses(run_dir)[3] == pytest.approx(losses[3], rel=1e-5)
 
 

@@ -218,3 +218,17 @@ def test_checkpoint_readers_refuse_pickles_that_would_run_code(tmp_path):
     torch.save({"module": {}, "payload": _RunsCode()}, ds_dir / "mp_rank_00_model_states.pt")
     with pytest.raises(UserError, match="references posix.getcwd"):
         check_deepspeed_files(str(ds_dir))
+
+
+def test_a_start_removes_only_the_half_written_files_an_earlier_killed_start_left(tmp_path):
+    from trainer.checkpoint import remove_stale_temporaries
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-000002").mkdir(parents=True)
+    leftovers = ["lineage.json.tmp.31337", "reference_logps.safetensors.tmp.7", "weight_anchor.safetensors.tmp.12"]
+    kept = ["config.yaml", "metrics.jsonl", "notes.tmp", "my.tmp.backup", "checkpoints/step-000002/state.json.tmp.9"]
+    for name in leftovers + kept:
+        (run / name).write_text("x")
+    assert remove_stale_temporaries(str(run)) == sorted(leftovers)
+    assert all((run / name).exists() for name in kept) and not any((run / name).exists() for name in leftovers)
+    assert remove_stale_temporaries(str(tmp_path / "missing")) == []
