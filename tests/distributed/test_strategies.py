@@ -178,6 +178,10 @@ def test_weight_penalties_on_two_ddp_ranks_match_one_process(tmp_path):
         assert ddp[step] == pytest.approx(single[step], rel=1e-3), f"step {step}"
     single_terms = {r["step"]: r for r in read_metrics(tmp_path / "single") if "l2_penalty" in r}
     ddp_terms = {r["step"]: r for r in read_metrics(tmp_path / "ddp") if "l2_penalty" in r}
+    # The penalties first steer an update in step 2, so steps 3 and 4 tell a penalty counted once from one counted
+    # twice or half. After that, the gradient averaging's different order of float additions grows through this
+    # oscillating L2 pull (1e-6 at step 2, 1.6e-3 by step 6 on some CPUs), so later steps are held to 1%.
     for step in range(2, STEPS + 1):
         for key in ("ewc_penalty", "l2_penalty"):
-            assert ddp_terms[step][key] == pytest.approx(single_terms[step][key], rel=1e-3), (step, key)
+            rel = 1e-4 if step <= 4 else 1e-2
+            assert ddp_terms[step][key] == pytest.approx(single_terms[step][key], rel=rel), (step, key)
