@@ -223,7 +223,7 @@ def model_activation_bytes(
 ) -> int:
     """All decoder layers plus the head, with or without per-layer activation checkpointing (logits excluded).
     `offload` (train.activation_offloading): the checkpointed layers' inputs wait in host memory, so one of them (the
-    layer being recomputed) is on the GPU instead of all of them (`offloaded_input_bytes` is what moves)."""
+    layer being recomputed) is on the GPU instead of all of them (`layer_input_bytes` each)."""
     layer = layer_activation_bytes(params, trainable, seq_len, micro_batch, setting)
     head = head_activation_bytes(params, trainable, seq_len, micro_batch, setting)
     if not gradient_checkpointing:
