@@ -77,6 +77,9 @@ CASES = {
     "replica-128k/lora": (1, ("strategy=single", "peft=lora", "peft.dropout=0")),
     "replica-128k/lora-unchunked": (1, ("strategy=single", "peft=lora", "peft.dropout=0", "objective.chunk_tokens=0")),
     "replica-128k/qlora": (1, ("strategy=single", "peft=qlora", "peft.dropout=0")),
+    # the 128k x 64 lm_head in 4 bits too (peft.quantize_lm_head)
+    "replica-128k/qlora-4bit-head": (1, ("strategy=single", "peft=qlora", "peft.dropout=0",
+                                         "peft.quantize_lm_head=true")),
 }
 
 
@@ -135,7 +138,7 @@ def deviation(prediction: float, measurement: float) -> str:
 # `make test` compares states on one process (the sharded layouts are checked in the peak test's live_before too).
 @pytest.mark.parametrize("name", list(case_params(extended=("single/qlora", "replica-128k/lora-unchunked",
                                                              "replica-128k/qlora", "fsdp/full", "zero3/full",
-                                                             "replica-128k/lora"))))
+                                                             "replica-128k/lora", "replica-128k/qlora-4bit-head"))))
 def test_model_states_match_the_cli_summary(name, tmp_path, request):
     """Comparison 1 (module docstring): summary.json's per-rank model states against the planner's."""
     ranks, _ = CASES[name]
@@ -166,7 +169,8 @@ def run_probe(run_dir: Path, overrides: tuple[str, ...], ranks: int) -> list[dic
     return [json.loads((run_dir / f"probe-rank{rank}.json").read_text()) for rank in range(ranks)]
 
 
-@pytest.mark.parametrize("name", list(case_params(extended=("replica-128k/qlora", "replica-128k/lora-unchunked"))))
+@pytest.mark.parametrize("name", list(case_params(extended=("replica-128k/qlora", "replica-128k/lora-unchunked",
+                                                             "replica-128k/qlora-4bit-head"))))
 def test_step_peak_matches_the_plan(name, tmp_path, request):
     """Comparison 2 (module docstring): the tracked-allocation peak of a real training step, on every rank."""
     replica = request.getfixturevalue("replica") if name.startswith("replica") else None
