@@ -68,6 +68,9 @@ def offload_checkpointed_inputs(model) -> ActivationOffload:
             module.checkpoint_fn = offload.wrap(module.checkpoint_fn)
             wrapped += 1
     if not wrapped:
-        raise RuntimeError(f"{type(model).__name__} has no checkpointed layers to offload the inputs of")
+        from trainer.errors import ConfigError
+
+        raise ConfigError("train.activation_offloading", f"{type(model).__name__} has no checkpointed layers whose "
+                          "inputs could be offloaded: set train.activation_offloading=false")
     model.activation_offload = offload
     return offload

@@ -73,3 +73,11 @@ def test_offloading_without_checkpointing_is_a_one_line_error(tmp_path):
                      "train.gradient_checkpointing=false", timeout=120)
     assert_one_line_error(result, "train.activation_offloading", "gradient_checkpointing=true")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_model_without_checkpointed_layers_is_a_config_error_naming_the_key():
+    from trainer.activation_offload import offload_checkpointed_inputs
+    from trainer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.activation_offloading"):
+        offload_checkpointed_inputs(tiny_model("llama-3.1", num_hidden_layers=1))  # checkpointing never enabled
