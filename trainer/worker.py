@@ -153,6 +153,9 @@ def main(argv: list[str]) -> int:
     record_pid(run_dir, rank)
     _stop_with_parent(parent)
     _leave_if_orphaned_during_start_up(run_dir, rank, parent)
+    from trainer.cuda_allocator import use_expandable_segments
+
+    use_expandable_segments()  # before anything touches CUDA
     from trainer.config.frozen import load_frozen
     from trainer.recipe import run_training
 
