@@ -73,6 +73,7 @@ def planner_inputs(config, strategy: str = "auto", precision: str | None = None,
                           gpus_per_node=world, micro_batch_size=rows,
                           seq_len=config.data.max_seq_len, gradient_checkpointing=config.train.gradient_checkpointing,
                           activation_offloading=config.train.activation_offloading,
+                          embedding_on_host=config.train.embedding_on_host,
                           attention=config.model.attn_implementation,
                           loss_chunk_tokens=config.objective.chunk_tokens,
                           anchor_copies=config.regularize.anchor_copies), source
@@ -125,6 +126,8 @@ def strategy_config_for(name: str):
 
     if name == "single":
         return schema.SingleStrategyConfig()
+    if name == "ddp":  # auto picks it with train.embedding_on_host (trainer/plan/table.py)
+        return schema.DDPStrategyConfig()
     if name in ("fsdp", "fsdp_offload"):
         return schema.FSDPStrategyConfig(cpu_offload=name == "fsdp_offload")
     if name == "zero3_offload":
@@ -156,6 +159,10 @@ def resolve_auto_strategy(config, devices: Devices | None = None, say: Callable[
         return config
     from trainer.config.validate import check_cross_group
 
+    if config.train.embedding_on_host:
+        from trainer.config.validate import check_embedding_on_host
+
+        check_embedding_on_host(config, "auto")
     say = say or (lambda line: sys.stderr.write(f"[trainer] {line}\n"))
     devices = devices or detect_devices(config)
     if devices.memory_gib is None:

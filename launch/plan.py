@@ -188,6 +188,10 @@ def build_request(sections: dict[str, Any]) -> PlanRequest:
         else:
             notes.append(f"hardware.gpu_memory_gb is not set: planned for this machine's GPUs ({gpu_memory:.1f} GiB)")
     if sections["strategy"].name == "auto":
+        if sections["train"].embedding_on_host:
+            from trainer.config.validate import check_embedding_on_host
+
+            check_embedding_on_host(SimpleNamespace(**sections), "auto")
         sections = resolve_auto(sections, world, float(gpu_memory), notes)
     model, train = sections["model"], sections["train"]
     arch, source = read_model_arch(model)
@@ -225,6 +229,7 @@ def build_request(sections: dict[str, Any]) -> PlanRequest:
             seq_len=sections["data"].max_seq_len,
             gradient_checkpointing=train.gradient_checkpointing,
             activation_offloading=train.activation_offloading,
+            embedding_on_host=train.embedding_on_host,
             attention=model.attn_implementation,
             loss_chunk_tokens=sections["objective"].chunk_tokens,
             anchor_copies=sections["regularize"].anchor_copies,
@@ -267,6 +272,8 @@ def planner_error_to_config_error(err: ValueError, arch_source: str) -> ConfigEr
     if first_word.startswith("arch."):
         where = "model.arch" if arch_source.startswith("model.arch") else "model.path"
         return ConfigError(where, f"{message} (read from {arch_source})")
+    if first_word.endswith(":") and "." in first_word:  # a feasibility refusal names its config key itself
+        return ConfigError(first_word[:-1], message.split(" ", 1)[1])
     key = _CONFIG_KEY_OF_FIELD.get(first_word.split("=", 1)[0], "peft")
     return ConfigError(key, message)
 

@@ -40,6 +40,10 @@ def _numel(param) -> int:
 def parameter_report(model) -> ParameterReport:
     trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(_numel(p) for p in model.parameters())
+    from trainer.host_embedding import HostEmbedding
+
+    # train.embedding_on_host holds the embedding outside the module tree (still part of the model)
+    total += sum(_numel(m.weight) for m in model.modules() if isinstance(m, HostEmbedding))
     return ParameterReport(trainable, total)
 
 

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 # Decoder layers in Hugging Face module trees: model.layers.N (llama, mistral, qwen, gemma, phi3), transformer.h.N
 # (gpt2, falcon), gpt_neox.layers.N, blocks.N.
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
-_EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in")
+EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in")
 
 
 def layer_index(name: str) -> int | None:
@@ -43,7 +43,7 @@ def depth(name: str, num_layers: int) -> int:
     index = layer_index(name)
     if index is not None:
         return index + 1
-    if any(f"{part}." in name or name.endswith(part) for part in _EMBEDDING_NAMES):
+    if any(f"{part}." in name or name.endswith(part) for part in EMBEDDING_NAMES):
         return 0
     return num_layers + 1
 

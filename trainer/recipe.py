@@ -105,15 +105,22 @@ class Recipe:
         return train.global_batch_size // (train.micro_batch_size * world)
 
     def _build_model(self):
-        from functools import partial
-
         from trainer.adapters import parameter_report
         from trainer.freezing import build_freezing_schedule
         from trainer.model import build_model
         from trainer.optim import build_optimizer, build_scheduler
 
-        build = partial(build_model, self.config.model, self.config.peft, self.config.train.precision,
-                        freeze=self.config.optim.freeze)
+        def build(**kwargs):
+            model = build_model(self.config.model, self.config.peft, self.config.train.precision,
+                                freeze=self.config.optim.freeze, **kwargs)
+            if self.config.train.embedding_on_host:  # before the strategy's checkpointing hooks the embedding
+                from trainer.host_embedding import keep_input_embedding_on_host
+
+                held = keep_input_embedding_on_host(model)
+                self.logger.info(f"train.embedding_on_host: the input embedding ({held / 2**30:.2f} GiB) stays in "
+                                 "host memory; each forward looks its tokens up there")
+            return model
+
         model, optimizer = self.strategy.setup(build, lambda m: build_optimizer(m, self.config.optim))
         # from_pretrained hands the model back in eval mode, where dropout, transformers' gradient checkpointing and
         # the MoE routers' outputs for the load-balancing loss are all switched off. Evaluation restores this mode.

@@ -168,12 +168,15 @@ def test_lora_on_mixtrals_fused_experts_trains_every_expert_and_merges(replicas,
 def test_qlora_trains_every_family_and_generate_speaks_its_chat_format(family, replicas, tmp_path):
     run_dir = tmp_path / "run"
     # As a small GPU runs QLoRA: checkpointed layers, their inputs offloaded to host memory; Llama 3.1's 128k-row
-    # lm_head in 4 bits too, as torchtune's QLoRA has it (a tied head, Llama 3.2's, is refused)
-    head = ("peft.quantize_lm_head=true",) if family == "llama-3.1" else ()
+    # lm_head in 4 bits too, as torchtune's QLoRA has it, and its input embedding looked up in host memory (a tied
+    # head, Llama 3.2's, is refused for both)
+    head = ("peft.quantize_lm_head=true", "train.embedding_on_host=true") if family == "llama-3.1" else ()
     trained = _train_briefly(replicas[family], run_dir, tmp_path / "cache", "peft=qlora",
                              "train.gradient_checkpointing=true", "train.activation_offloading=true", *head)
     assert read_summary(run_dir)["status"] == "completed"
     assert "train.activation_offloading: each checkpointed layer's input" in trained.stdout + trained.stderr
+    if family == "llama-3.1":
+        assert "train.embedding_on_host: the input embedding (" in trained.stdout + trained.stderr
     answer = run_cli("generate", str(run_dir), "Hello there", "--json", "--max-new-tokens", "4", timeout=300)
     assert answer.returncode == 0, answer.stderr[-2000:]
     # Known-harmless third-party notices are silenced (trainer/quiet.py): bitsandbytes' optional hub kernel, and
@@ -187,6 +190,9 @@ def test_qlora_trains_every_family_and_generate_speaks_its_chat_format(family, r
         tied = run_cli("train", f"model.path={replicas[family]}", f"data.path={CHAT}", f"run.dir={tmp_path / 'tied'}",
                        "peft=qlora", "peft.quantize_lm_head=true", timeout=300)
         assert_one_line_error(tied, "peft.quantize_lm_head", "tie_word_embeddings")
+        tied = run_cli("train", f"model.path={replicas[family]}", f"data.path={CHAT}", f"run.dir={tmp_path / 'tied'}",
+                       "peft=qlora", "train.embedding_on_host=true", timeout=300)
+        assert_one_line_error(tied, "train.embedding_on_host", "tie_word_embeddings")
 
 
 @pytest.mark.slow  # tied embeddings, biases, MoE router, soft-capping, fused projections:

@@ -14,10 +14,10 @@ Every case runs the tiny Llama (3.4M parameters) in bf16 mixed precision, micro 
    Recipe of the frozen config): tensors alive before the second step plus the highest running total of torch's
    allocation events during it. This is the CPU analogue of `torch.cuda.max_memory_allocated`; the process's
    resident set (summary.json's `peak_memory_bytes`, ~700 MB here) is mostly the Python/torch runtime and is not
-   compared. The prediction is the planner's total per GPU less its margin (10% + 1 GiB for fragmentation, the CUDA
-   context and NCCL buffers, which tracked allocations do not see), within the issue's 15%. For ZeRO-3, DeepSpeed's
-   gradient reduce bucket (`reduce_bucket_size`, 5e8 elements: 1 GB in bf16, sized by DeepSpeed's config and not by
-   the model; the planner keeps it inside its margin) is taken off the measurement.
+   compared. The prediction is the planner's total per GPU less its margin (10% of a step's transient allocations for
+   fragmentation, plus the CUDA context, NCCL buffers and DeepSpeed's reduce bucket), within the issue's 15%. For
+   ZeRO-3, DeepSpeed's gradient reduce bucket (`reduce_bucket_size`, 5e8 elements: 1 GB in bf16, sized by
+   DeepSpeed's config and not by the model; the planner counts it in its margin) is taken off the measurement.
 
 Figures (torch 2.13 CPU, 2-core machine; predicted / measured MB, deviation of the prediction):
     states: single/full 54.8/54.8, single/LoRA 11.6/11.6, fsdp/full 27.4/27.4, zero3/full 27.4/27.4 (all < 0.01%),

@@ -81,7 +81,7 @@ def test_llama_70b_on_8_and_16_gpus_of_80gb(nodes):
     """Which of full / LoRA / QLoRA fit Llama-3.1-70B on 1 or 2 nodes of 8 x 80 GB, and how fast the answer comes.
 
     bf16, seq 4096, micro batch 1, checkpointing on (the 70B experiment). Full fine-tuning needs offload (ZeRO-3 or
-    FSDP2) on both (FSDP/ZeRO-3 need 166/93 GiB per GPU: 24 GPUs); LoRA fits sharded (fsdp, zero3) from 4 GPUs;
+    FSDP2) on both (FSDP needs 156/88 GiB per GPU: 24 GPUs); LoRA fits sharded (fsdp, zero3) from 4 GPUs;
     QLoRA fits everywhere, even one GPU, except under ZeRO-3's parameter offload. Measured on the 2-core dev
     machine: 0.4-0.8 s per command when quiet, 1.3-1.6 s at load
     7 (the issue asks < 2 s; the bound here is generous because the machine is shared).
@@ -101,8 +101,8 @@ def test_llama_70b_on_8_and_16_gpus_of_80gb(nodes):
     assert report["configured"]["fits"] and report["configured"]["world_size"] == 8 * nodes
     by_strategy = report["bytes_per_gpu_by_strategy"]
     assert by_strategy["fsdp"]["full"] > 80 * GIB > by_strategy["zero3"]["lora"]
-    # Twice the GPUs halve the sharded model states: full fine-tuning under fsdp drops from ~166 to ~93 GiB.
-    assert by_strategy["fsdp"]["full"] / GIB == pytest.approx(165.6 if nodes == 1 else 93.3, abs=0.5)
+    # Twice the GPUs halve the sharded model states: full fine-tuning under fsdp drops from ~156 to ~88 GiB.
+    assert by_strategy["fsdp"]["full"] / GIB == pytest.approx(155.7 if nodes == 1 else 88.3, abs=0.5)
 
 
 def test_the_issue_command_is_fast_and_imports_no_torch():
@@ -257,10 +257,11 @@ def test_a_run_that_does_not_fit_is_shown_the_cheap_knobs_first_with_their_figur
     assert not report["configured"]["fits"]
     knobs = {" ".join(k["overrides"]): k for k in report["configured"]["cheap_knobs"]}
     alone = ("train.gradient_checkpointing=true", "train.gradient_checkpointing=true train.activation_offloading=true",
-             "objective.chunk_tokens=256", "train.micro_batch_size=1", "optim=adamw_8bit")
+             "train.embedding_on_host=true", "objective.chunk_tokens=256", "train.micro_batch_size=1",
+             "optim=adamw_8bit")
     assert all(key in knobs and not knobs[key]["fits"] for key in alone), list(knobs)
-    together = knobs["train.gradient_checkpointing=true train.activation_offloading=true objective.chunk_tokens=256 "
-                     "train.micro_batch_size=1 optim=adamw_8bit"]
+    together = knobs["train.gradient_checkpointing=true train.activation_offloading=true train.embedding_on_host=true "
+                     "objective.chunk_tokens=256 train.micro_batch_size=1 optim=adamw_8bit"]
     assert together["fits"] and not together["changes_the_job"]
     assert knobs["data.max_seq_len=1024"]["changes_the_job"]
     total = report["configured"]["bytes_per_gpu"]["total"]

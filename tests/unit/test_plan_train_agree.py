@@ -48,19 +48,28 @@ def _as_trained(config, strategy: str, method: str, gpus: int):
                                train=dataclasses.replace(config.train, precision=precision), launcher=launcher)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_auto_and_plan_recommend_only_what_train_accepts(configs, method):
+@pytest.mark.parametrize(("method", "embedding_on_host"), [(m, False) for m in METHODS] + [("lora", True),
+                                                                                          ("qlora", True)])
+def test_auto_and_plan_recommend_only_what_train_accepts(configs, method, embedding_on_host):
+    """With train.embedding_on_host too: auto keeps to the strategies that hold the whole model on each rank, and
+    refuses a tied model (Gemma) before choosing anything."""
     from trainer.plan import what_fits
 
-    checked = {"auto": 0, "plan": 0, "nothing fits": 0}
+    checked = {"auto": 0, "plan": 0, "nothing fits": 0, "refused": 0}
     for entry in ENTRIES:
         config = configs[entry, method]
+        if embedding_on_host:
+            config = dataclasses.replace(config, train=dataclasses.replace(config.train, embedding_on_host=True))
         for gib in GIB:
             for gpus in GPUS:
                 where = f"{entry} peft={method} {gpus} x {gib} GiB"
                 try:
                     resolved = resolve_auto_strategy(config, Devices(gpus, gib, "grid"), say=lambda line: None)
                 except ConfigError as err:  # auto may find nothing that fits; it must never pick a refused setup
+                    if embedding_on_host and err.key == "train.embedding_on_host":
+                        assert "tie_word_embeddings" in str(err) and entry.startswith("gemma"), (where, str(err))
+                        checked["refused"] += 1
+                        continue
                     assert "strategy: auto: nothing fits" in str(err), (where, str(err))
                     checked["nothing fits"] += 1
                 else:

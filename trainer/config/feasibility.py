@@ -47,3 +47,26 @@ def experts_refusal(strategy: str) -> tuple[str, str] | None:
             "expert weight during the forward, where FSDP2/ZeRO-3 swap the sharded weights in and out; use single, "
             "ddp, zero1 or zero2, or peft.experts=false")
     return None
+
+
+# Strategies whose ranks each hold the whole model, so a rank can keep its input embedding on its own host.
+HOST_EMBEDDING_STRATEGIES = ("single", "ddp", "zero1", "zero2")
+# PEFT methods that leave the input embedding frozen and untouched (prompt and prefix tuning read it to build their
+# virtual tokens on the device; full fine-tuning trains it).
+HOST_EMBEDDING_METHODS = ("lora", "dora", "qlora", "ia3")
+
+
+def host_embedding_refusal(strategy: str, method: str, tied_embeddings: bool) -> tuple[str, str] | None:
+    """(config key, why) when train.embedding_on_host cannot apply to STRATEGY x METHOD on a model whose lm_head is
+    (TIED_EMBEDDINGS) or is not its input embedding. STRATEGY auto: the method and model only (auto then chooses
+    among the strategies that keep it, the planner refusing the others)."""
+    why = None
+    if method not in HOST_EMBEDDING_METHODS:
+        why = (f"peft={method} {'trains the embedding' if method in ('none', 'full') else 'builds its virtual tokens'}"
+               " on the GPU; it needs one of " + ", ".join(HOST_EMBEDDING_METHODS))
+    elif tied_embeddings:
+        why = "this model's lm_head is its input embedding (tie_word_embeddings), which the loss needs on the GPU"
+    elif strategy != "auto" and strategy not in HOST_EMBEDDING_STRATEGIES:  # auto picks among those that keep it
+        why = (f"strategy={strategy} shards the embedding across ranks, which already divides it; use "
+               + ", ".join(HOST_EMBEDDING_STRATEGIES))
+    return ("train.embedding_on_host", f"{why}: set train.embedding_on_host=false") if why else None

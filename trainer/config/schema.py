@@ -367,6 +367,9 @@ class TrainConfig:
     # with gradient checkpointing: each checkpointed layer's input waits in host memory (page-locked) from the forward
     # until backward recomputes the layer, so one layer input stays on the GPU instead of all of them
     activation_offloading: bool = False
+    # a frozen input embedding (LoRA family, IA3; untied lm_head; single, ddp, zero1, zero2) stays in host memory: the
+    # lookup runs there and only the looked-up rows go to the GPU (1 GiB less for Llama-3.1-8B)
+    embedding_on_host: bool = False
     deterministic: bool = False  # deterministic kernels (slower; bit-exact reruns)
     # torch.compile each decoder layer (inductor): faster steps once compiled, after a compile of tens of seconds at
     # the start (and one more when row lengths first vary); single, ddp and fsdp (trainer/strategy/compile.py)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from trainer.config.feasibility import experts_refusal, refusal
+from trainer.config.feasibility import experts_refusal, host_embedding_refusal, refusal
 from trainer.config.schema import Config
 from trainer.errors import ConfigError
 from trainer.remote_code import shipped_code
@@ -198,6 +198,24 @@ def _check_expert_lora(config: Config, planned_strategy: str) -> None:
                           "num_local_experts in its config): set peft.experts=false")
 
 
+def check_embedding_on_host(config: Config, planned_strategy: str) -> None:
+    """train.embedding_on_host needs a frozen, untied input embedding that every rank holds whole. PLANNED_STRATEGY
+    auto: checked before auto chooses (the method and the model), so that auto never trades the method for it."""
+    from trainer.config.defaults import model_architecture
+    from trainer.plan.params import ties_embeddings
+
+    tied = ties_embeddings(model_architecture(config.model))
+    refused = host_embedding_refusal(planned_strategy, config.peft.name, tied)
+    if refused:
+        raise ConfigError(*refused)
+    from trainer.freezing import EMBEDDING_NAMES
+
+    trained = sorted(set(getattr(config.peft, "modules_to_save", None) or ()) & set(EMBEDDING_NAMES))
+    if trained:
+        raise ConfigError("train.embedding_on_host", f"peft.modules_to_save trains the input embedding "
+                          f"({', '.join(trained)}) on the GPU: leave it out, or set train.embedding_on_host=false")
+
+
 def check_peft_optim_strategy(config: Config) -> None:
     """QLoRA, bitsandbytes optimizers, prompt learning and freezing against the strategy and precision."""
     import importlib.util
@@ -215,6 +233,8 @@ def check_peft_optim_strategy(config: Config) -> None:
         raise ConfigError(*refused)
     if getattr(peft, "experts", False):
         _check_expert_lora(config, planned)
+    if train.embedding_on_host:
+        check_embedding_on_host(config, planned)
     if peft.name == "qlora":
         if peft.quantize_lm_head:
             from trainer.config.defaults import model_architecture

@@ -32,6 +32,8 @@ def cheap_knobs(inputs: PlanInputs, gpu_memory_gib: float, host_memory_gib: floa
         variants.append((("train.gradient_checkpointing=true", "train.activation_offloading=true")
                          if not inputs.gradient_checkpointing else ("train.activation_offloading=true",),
                          {"gradient_checkpointing": True, "activation_offloading": True}, False))
+    if not inputs.embedding_on_host:  # refused (no figure) where the embedding trains, is tied or is sharded
+        variants.append((("train.embedding_on_host=true",), {"embedding_on_host": True}, False))
     if not inputs.loss_chunk_tokens:
         variants.append(((f"objective.chunk_tokens={DEFAULT_CHUNK_TOKENS}",),
                          {"loss_chunk_tokens": DEFAULT_CHUNK_TOKENS}, False))

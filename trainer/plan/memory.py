@@ -30,9 +30,14 @@ unit's unsharded 16-bit gradient before its reduce-scatter.
 DDP keeps its gradient buckets apart from ``param.grad`` unless ``gradient_as_bucket_view=True``; trainer/strategy/
 ddp.py sets it, so gradients are counted once (``DDP_BUCKET_COPY`` models the other setting).
 
-Margin: ``margin_fraction`` (10%) of everything above for allocator fragmentation and short-lived buffers (DeepSpeed
-buckets, the fp32 gradient partition at the step, backward's gradient tensors), plus ``margin_bytes`` (1 GiB) for
-the CUDA context, cuBLAS workspaces and NCCL buffers that PyTorch's allocator does not see.
+Margin: ``margin_fraction`` (10%) of what is allocated and freed during a step (gradients, gathered units,
+activations, logits) for allocator fragmentation and short-lived buffers we do not list (the fp32 gradient partition
+at the step, backward's gradient tensors, LoRA's transient dequantised weights). What is allocated once and kept
+(weights, master weights, optimizer state, anchors) is packed into the allocator's segments as it arrives and does not
+fragment, so it takes no share. On top, fixed bytes (``fixed_margin_bytes``) for what the allocator does not see or
+keeps whatever the model: the CUDA context (0.5 GiB: 287 to 426 MiB measured with lazy module loading, PyTorch's
+default since 1.13), NCCL's communicator buffers when there is more than one rank (0.5 GiB), and DeepSpeed's gradient
+reduce bucket (``reduce_bucket_size``, 5e8 elements in the compute dtype, allocated at any model size).
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from trainer.config.feasibility import experts_refusal, refusal
+from trainer.config.feasibility import experts_refusal, host_embedding_refusal, refusal
 from trainer.objectives import CHUNKABLE_MODEL_TYPES, DEFAULT_CHUNK_TOKENS
 from trainer.plan.activations import (
     ATTENTION_IMPLEMENTATIONS,
@@ -69,6 +74,9 @@ DEEPSPEED_STRATEGIES = ("zero1", "zero2", "zero3", "zero3_offload")
 # True would model DDP without gradient_as_bucket_view (buckets a second copy of the grads); trainer/strategy/ddp.py
 # sets it, so the buckets are views of the gradients.
 DDP_BUCKET_COPY = False
+CUDA_CONTEXT_BYTES = GIB // 2
+COLLECTIVE_BUFFER_BYTES = GIB // 2  # NCCL's per-communicator buffers, with more than one rank
+DEEPSPEED_REDUCE_BUCKET_ELEMENTS = 500_000_000  # reduce_bucket_size: trainer/strategy/deepspeed.py keeps the default
 NF4_BLOCK = 64  # bitsandbytes 4-bit: one absmax per 64 weights
 NF4_DOUBLE_QUANT_BLOCK = 256  # double quantisation: 8-bit absmax, one fp32 scale per 256 absmax values
 
@@ -98,6 +106,8 @@ class PlanInputs:
     gradient_checkpointing: bool = True
     # the checkpointed layers' inputs in host memory between forward and backward (train.activation_offloading)
     activation_offloading: bool = False
+    # a frozen, untied input embedding kept in host memory, looked up there (train.embedding_on_host)
+    embedding_on_host: bool = False
     attention: str = "sdpa"  # eager | sdpa | flash (flash_attention_2 accepted, as in model.attn_implementation)
     # The loss over chunks of this many tokens, as trainer/objectives/ computes it (objective.chunk_tokens); 0:
     # unchunked. Families the trainer does not chunk (and prompt/prefix tuning) are planned unchunked.
@@ -108,8 +118,8 @@ class PlanInputs:
     # A quantised base's unquantised weights cast to fp32, as peft's prepare_model_for_kbit_training does (the usual
     # Hugging Face QLoRA recipe). The trainer keeps them in the compute dtype.
     upcast_unquantized: bool = False
-    margin_fraction: float = 0.10
-    margin_bytes: int = GIB
+    margin_fraction: float = 0.10  # of the bytes allocated and freed within a step (module docstring)
+    margin_bytes: int | None = None  # fixed part; None: ``fixed_margin_bytes`` of this setup
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "peft_method", normalise_method(self.peft_method))
@@ -135,7 +145,7 @@ class PlanInputs:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if not 0 <= self.margin_fraction < 1 or self.margin_bytes < 0:
+        if not 0 <= self.margin_fraction < 1 or (self.margin_bytes is not None and self.margin_bytes < 0):
             raise ValueError("margin_fraction must be in [0, 1) and margin_bytes >= 0")
         weights = self.resolved_weight_precision
         if self.peft_method == "qlora" and weights not in ("nf4", "fp4"):
@@ -343,6 +353,10 @@ def estimate_memory(inputs: PlanInputs) -> MemoryEstimate:
         num_virtual_tokens=inputs.num_virtual_tokens,
         experts=inputs.lora_experts,
     )
+    if inputs.embedding_on_host:
+        refused = host_embedding_refusal(inputs.strategy, trainable.method, params.tied_embeddings)
+        if refused:
+            raise ValueError(f"{refused[0]}: {refused[1]}")
     c = inputs.compute_bytes
     notes = list(params.notes)
     if trainable.unmatched:
@@ -370,8 +384,8 @@ def estimate_memory(inputs: PlanInputs) -> MemoryEstimate:
 
     # regularize runs where every trainable weight is whole on each rank (single, ddp): so is its anchor
     anchor = 4 * inputs.anchor_copies * trainable.total
-    subtotal = sum(gpu.values()) + anchor + gathered + activations + logits
-    margin = inputs.margin_fraction * subtotal + inputs.margin_bytes
+    within_step = gpu["gradients"] + gathered + activations + logits
+    margin = inputs.margin_fraction * within_step + fixed_margin_bytes(inputs)
     return MemoryEstimate(
         inputs=inputs,
         params=params,
@@ -387,6 +401,19 @@ def estimate_memory(inputs: PlanInputs) -> MemoryEstimate:
     )
 
 
+def fixed_margin_bytes(inputs: PlanInputs) -> int:
+    """The margin's fixed part: the CUDA context, NCCL's buffers with more than one rank, DeepSpeed's reduce bucket
+    (module docstring). ``inputs.margin_bytes`` overrides it."""
+    if inputs.margin_bytes is not None:
+        return inputs.margin_bytes
+    fixed = CUDA_CONTEXT_BYTES
+    if inputs.world_size > 1:
+        fixed += COLLECTIVE_BUFFER_BYTES
+    if inputs.strategy in DEEPSPEED_STRATEGIES:
+        fixed += DEEPSPEED_REDUCE_BUCKET_ELEMENTS * inputs.compute_bytes
+    return fixed
+
+
 def _model_state_bytes(
     inputs: PlanInputs, params: ParamCount, trainable: TrainableCount
 ) -> tuple[dict[str, float], dict[str, float]]:
@@ -399,6 +426,11 @@ def _model_state_bytes(
         remainder = 4 if kbit_prepared(inputs) else c
         frozen = frozen_weight_bytes(params, inputs.resolved_weight_precision, remainder, inputs.double_quant,
                                      inputs.quantize_lm_head)
+    host_embedding = 0
+    if inputs.embedding_on_host:  # refused (estimate_memory) where the embedding trains, is tied or is sharded
+        stored = inputs.resolved_weight_precision
+        host_embedding = params.embedding * FLOAT_WEIGHT_BYTES.get(stored, 4 if kbit_prepared(inputs) else c)
+        frozen -= host_embedding
     t = trainable.total
     copy_bytes, master_bytes = (2, 4) if mixed else (4, 0)
     # torch autocast and FSDP2 (reduce_dtype fp32) keep fp32 gradients; DeepSpeed bf16 keeps 16-bit ones.
@@ -422,7 +454,7 @@ def _model_state_bytes(
         "gradients": bucket_copies * grad_bytes * t / (n if shard_grads else 1),
         "optimizer": OPTIMIZER_STATE_BYTES[inputs.optimizer] * t / (n if shard_states else 1),
     }
-    host = dict.fromkeys(gpu, 0.0)
+    host = dict.fromkeys(gpu, 0.0) | {"weights": float(host_embedding)}
     if strategy in OFFLOAD_STRATEGIES:
         # DeepSpeed keeps each rank's partition of the 16-bit params, fp32 master, fp32 grads and Adam states on
         # the host; FSDP2's CPUOffloadPolicy its fp32 shards (or a frozen base's stored ones), fp32 gradients and

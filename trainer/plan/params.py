@@ -38,6 +38,11 @@ _TIED_BY_DEFAULT = frozenset({"gemma", "gemma2"})
 _GEMMA_STYLE_NORMS = frozenset({"gemma", "gemma2"})
 
 
+def ties_embeddings(arch: Mapping[str, Any]) -> bool:
+    """Whether lm_head is the input embedding: tie_word_embeddings, or its config class's default when absent."""
+    return bool(arch.get("tie_word_embeddings", arch.get("model_type") in _TIED_BY_DEFAULT))
+
+
 @dataclass(frozen=True)
 class LinearModule:
     """One linear projection inside a decoder layer, named as in the Hugging Face module tree.
@@ -246,8 +251,7 @@ def count_parameters(arch: Mapping[str, Any]) -> ParamCount:
     sizes["experts"] = experts
     modules = _linear_modules(arch, "mixtral" if is_moe and model_type != "phi3" else model_type, sizes)
 
-    tie_default = model_type in _TIED_BY_DEFAULT
-    tied = bool(arch.get("tie_word_embeddings", tie_default))
+    tied = ties_embeddings(arch)
     norms_per_layer = 4 if model_type == "gemma2" else 2
     return ParamCount(
         model_type=model_type,

@@ -207,15 +207,19 @@ def choose_auto_strategy(inputs: PlanInputs, gpu_memory_gib: float, host_memory_
 
     Several GPUs: fsdp, else zero3_offload, else fsdp_offload (when ``host_memory_gib`` per node, if given, holds the
     offloaded state; combinations train refuses, e.g. QLoRA under DeepSpeed parameter offload, are skipped), else
-    fsdp with LoRA, then QLoRA, then those with fsdp_offload. One GPU: single with the requested method, else LoRA,
+    fsdp with LoRA, then QLoRA, then those with fsdp_offload. With ``embedding_on_host`` (which needs every rank to
+    hold the whole model) ddp, else zero2, in place of those. One GPU: single with the requested method, else LoRA,
     else QLoRA.
     """
     world, method = inputs.world_size, inputs.peft_method
-    strategies = ("fsdp", "zero3_offload", "fsdp_offload") if world > 1 else ("single",)
+    if world == 1:
+        strategies: tuple[str, ...] = ("single",)
+    else:
+        strategies = ("ddp", "zero2") if inputs.embedding_on_host else ("fsdp", "zero3_offload", "fsdp_offload")
     fallback_methods = {"none": ("lora", "qlora"), "dora": ("lora", "qlora")}.get(method, ())
     fallback_methods += ("qlora",) if method in ("lora", "ia3") else ()
     candidates = [(s, method) for s in strategies] + [(strategies[0], m) for m in fallback_methods]
-    if world > 1:  # the lighter methods offloaded, last (FSDP2 offload also takes QLoRA: trainer/config/feasibility.py)
+    if world > 1 and not inputs.embedding_on_host:  # the lighter methods offloaded, last (FSDP2 offload also takes QLoRA: trainer/config/feasibility.py)
         candidates += [("fsdp_offload", m) for m in fallback_methods]
 
     tried: list[str] = []
@@ -281,7 +285,7 @@ def render_table(table: FitTable, title: str | None = None) -> str:
         for c in offloaded:
             by_strategy.setdefault(c.strategy, []).append(
                 f"{method_label(c.peft_method)} {_gib(c.estimate.host_total_per_node)}")
-        lines.append("host memory per node for offload" + limit + ": " + "; ".join(
+        lines.append("host memory per node (offload, input embedding)" + limit + ": " + "; ".join(
             f"{strategy} {', '.join(figures)}" for strategy, figures in by_strategy.items()))
     errors = sorted({f"n/a {c.strategy} + {method_label(c.peft_method)}: {c.error}" for c in table.cells if c.error})
     lines += ["", *errors] if errors else []
@@ -300,7 +304,7 @@ def render_estimate(estimate: MemoryEstimate) -> str:
     """Fixed-width breakdown of one estimate: GPU components, then host components when offloading."""
     lines = [f"{name:<16}{value / GIB:10.2f} GiB" for name, value in estimate.gpu_breakdown().items()]
     if estimate.host_total_per_rank:
-        lines.append("host (offload)")
+        lines.append("host (offload)" if estimate.inputs.strategy in OFFLOAD_STRATEGIES else "host (input embedding)")
         lines += [f"  {name:<14}{value / GIB:10.2f} GiB" for name, value in estimate.host_breakdown().items()]
     return "\n".join(lines + [f"note: {note}" for note in estimate.notes])
 
