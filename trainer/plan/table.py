@@ -219,7 +219,8 @@ def choose_auto_strategy(inputs: PlanInputs, gpu_memory_gib: float, host_memory_
     fallback_methods = {"none": ("lora", "qlora"), "dora": ("lora", "qlora")}.get(method, ())
     fallback_methods += ("qlora",) if method in ("lora", "ia3") else ()
     candidates = [(s, method) for s in strategies] + [(strategies[0], m) for m in fallback_methods]
-    if world > 1 and not inputs.embedding_on_host:  # the lighter methods offloaded, last (FSDP2 offload also takes QLoRA: trainer/config/feasibility.py)
+    # the lighter methods offloaded, last (FSDP2 offload also takes QLoRA: trainer/config/feasibility.py)
+    if world > 1 and not inputs.embedding_on_host:
         candidates += [("fsdp_offload", m) for m in fallback_methods]
 
     tried: list[str] = []
