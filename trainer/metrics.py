@@ -24,6 +24,19 @@ class Throughput:
         return self.steady_tokens / self.steady_seconds if self.steady_seconds else None
 
 
+def device_peak_bytes(device) -> int | None:
+    """GPU: the most device memory this process held, as the card sees it: the allocator's reserved peak (what it
+    took from the driver, fragmentation included) plus what the driver holds beside it now (the CUDA context, NCCL's
+    buffers), the figure `trainer plan`'s total must cover. None on CPU."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    beside_allocator = total - free - torch.cuda.memory_reserved(device)
+    return int(beside_allocator + torch.cuda.max_memory_reserved(device))
+
+
 def peak_memory_bytes(device) -> int:
     """GPU: the allocator's peak since the last reset (the recipe resets it at every step, so a step's metrics show
     that step's peak); CPU: the process's peak resident set so far (what the OS had to give us; it cannot be reset)."""

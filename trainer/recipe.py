@@ -490,6 +490,8 @@ class Recipe:
         return final_dir
 
     def _summary(self, status: str, eval_after: dict, final_dir: str, tokens_per_second, peak_memory: int) -> dict:
+        from trainer.metrics import device_peak_bytes
+
         return {
             "status": status,
             "steps": self.state.step,
@@ -502,6 +504,7 @@ class Recipe:
             "eval_after": eval_after,
             "tokens_per_second": tokens_per_second,
             "peak_memory_bytes": peak_memory,
+            "device_peak_bytes": device_peak_bytes(self.strategy.device),  # GPU: with the context, fragmentation
             "model_state_bytes_per_rank": self.state_bytes,
             "world_size": self.strategy.world_size,
             "final_dir": final_dir,
