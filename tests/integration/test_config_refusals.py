@@ -18,6 +18,8 @@ CASES = {
     "absurd max_seq_len": ("data.max_seq_len=100000000", ["data.max_seq_len", "more than 16,777,216"]),
     "negative keep_last": ("checkpoint.keep_last=-1", ["checkpoint.keep_last", "0 keeps all"]),
     "another PEFT method's key": ("peft=none peft.dropout=0", ["peft.dropout", "peft=lora, dora, qlora have it"]),
+    "another objective's option": ("objective.name=dpo objective.orpo_nll=sequence",
+                                   ["objective.orpo_nll", "objective.name=orpo, not dpo"]),
     "compile under DeepSpeed": ("strategy=zero2 launcher.nproc_per_node=2 train.compile=true",
                                 ["train.compile", "strategy=single, ddp, fsdp, not zero2"]),
     "Liger kernels without the package": ("model.kernels=liger", ["model.kernels", "pip install -e '.[kernels]'"]),

@@ -421,6 +421,17 @@ class ObjectiveConfig:
         require(0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
         for key in ("desirable_weight", "undesirable_weight"):
             require(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
+        # An option of one method set for another would be silently ignored: say so instead.
+        for key, default, methods in _METHOD_OPTIONS:
+            require(getattr(self, key) == default or self.name in methods, key,
+                    f"is an option of objective.name={' or '.join(methods)}, not {self.name}: leave it at "
+                    f"{default!r} or choose that objective")
+
+
+# (key, default, the objectives that read it)
+_METHOD_OPTIONS = (("orpo_nll", "answer", ("orpo",)), ("simpo_gamma", 1.0, ("simpo",)),
+                   ("label_smoothing", 0.0, ("dpo", "simpo")), ("desirable_weight", 1.0, ("kto",)),
+                   ("undesirable_weight", 1.0, ("kto",)))
 
 
 @dataclass
