@@ -16,17 +16,22 @@ from tests.unit.test_chunked_loss import loss_and_grads, packed_batch, tiny_mode
 from trainer.objectives.chunked_ce import token_loss_sum  # noqa: E402
 
 
+def lora_with_nonzero_adapters(base):
+    """BASE with LoRA r=4 on every linear, its B matrices drawn (not zero), so that every gradient path carries
+    something; in training mode."""
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+    return model.train()
+
+
 def _lora_model(checkpointing: str, offload: bool):
     from trainer.strategy.fsdp import apply_layer_checkpointing
     from trainer.strategy.precision import apply_activation_checkpointing
 
-    model = peft.get_peft_model(tiny_model("llama-3.1", num_hidden_layers=3),
-                                peft.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
-    with torch.no_grad():  # adapters that are not zero, so that every gradient path carries something
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
-    model.train()
+    model = lora_with_nonzero_adapters(tiny_model("llama-3.1", num_hidden_layers=3))
     if checkpointing == "hf":
         apply_activation_checkpointing(model, offload=offload)
     else:

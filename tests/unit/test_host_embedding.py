@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
 from tests.conftest import assert_one_line_error, run_cli  # noqa: E402
+from tests.unit.test_activation_offload import lora_with_nonzero_adapters  # noqa: E402
 from tests.unit.test_chunked_loss import loss_and_grads, packed_batch, tiny_model  # noqa: E402
 from trainer.objectives.chunked_ce import token_loss_sum  # noqa: E402
 
@@ -21,13 +22,7 @@ def _lora_model(on_host: bool, family: str = "llama-3.1"):
     from trainer.host_embedding import keep_input_embedding_on_host
     from trainer.strategy.precision import apply_activation_checkpointing
 
-    model = peft.get_peft_model(tiny_model(family, num_hidden_layers=2),
-                                peft.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
-    with torch.no_grad():  # adapters that are not zero, so that every gradient path carries something
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
-    model.train()
+    model = lora_with_nonzero_adapters(tiny_model(family, num_hidden_layers=2))
     if on_host:
         keep_input_embedding_on_host(model)
     apply_activation_checkpointing(model)  # as the strategies do, after the model is built
