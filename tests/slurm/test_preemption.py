@@ -88,7 +88,9 @@ def _preempt_three_times(job: tuple) -> list[float]:
     return latencies
 
 
-@pytest.mark.parametrize("shape", sorted(SHAPES))
+# `make test` preempts the two-node shape; two workers on one node requeue the same way (make test-all)
+@pytest.mark.parametrize("shape", [pytest.param(shape, marks=[pytest.mark.extended] if shape == "1-node-x-2-workers"
+                                                else []) for shape in sorted(SHAPES)])
 def test_a_job_preempted_three_times_requeues_three_times_and_ends_with_the_uninterrupted_loss(
         shape, slurm_cluster, tmp_path):
     overrides = (*COMMON, *SHAPES[shape])
