@@ -110,6 +110,22 @@ def planned_strategy(strategy) -> tuple[str, list[str]]:
     return f"zero{strategy.stage}", notes
 
 
+def deepspeed_bucket_elements(strategy) -> int:
+    """Elements of DeepSpeed's gradient reduce buckets: reduce_bucket_size (default, or strategy.deepspeed_overrides),
+    two of them under ZeRO-1/2 with strategy.overlap_comm (stage 3 keeps one)."""
+    from trainer.plan.memory import DEEPSPEED_REDUCE_BUCKET_ELEMENTS
+
+    zero = (getattr(strategy, "deepspeed_overrides", None) or {}).get("zero_optimization") or {}
+    size = zero.get("reduce_bucket_size", DEEPSPEED_REDUCE_BUCKET_ELEMENTS)
+    try:
+        size = int(float(size))
+    except (TypeError, ValueError):
+        raise ConfigError("strategy.deepspeed_overrides.zero_optimization.reduce_bucket_size",
+                          f"must be a number of elements (DeepSpeed's default: 5e8), got {size!r}") from None
+    double = getattr(strategy, "overlap_comm", False) and getattr(strategy, "stage", 3) in (1, 2)
+    return size * (2 if double else 1)
+
+
 def peft_fields(peft, params) -> dict[str, Any]:
     """PEFT config -> PlanInputs fields, read by name so that every PEFT option maps the same way."""
     fields: dict[str, Any] = {"peft_method": peft.name}
@@ -233,6 +249,7 @@ def build_request(sections: dict[str, Any]) -> PlanRequest:
             attention=model.attn_implementation,
             loss_chunk_tokens=sections["objective"].chunk_tokens,
             anchor_copies=sections["regularize"].anchor_copies,
+            deepspeed_bucket_elements=deepspeed_bucket_elements(sections["strategy"]),
         )
     except ValueError as err:
         raise planner_error_to_config_error(err, source) from None

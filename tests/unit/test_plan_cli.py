@@ -316,3 +316,20 @@ def test_regularize_anchor_is_counted_per_gpu():
     assert ewc["bytes_per_gpu"]["anchor"] == 8 * trainable
     # the margin is a fraction of everything else, so the total grows by a little more than the anchor
     assert ewc["bytes_per_gpu"]["total"] - plain["bytes_per_gpu"]["total"] >= 8 * trainable
+
+
+def test_deepspeeds_reduce_bucket_is_planned_as_configured():
+    """The margin's DeepSpeed reduce bucket follows strategy.deepspeed_overrides' reduce_bucket_size and doubles with
+    overlap_comm under ZeRO-2 (two buffers); a size DeepSpeed cannot take is named."""
+    base = ("model=llama-3.1-8b", "peft=lora", "strategy=zero2", "launcher.nproc_per_node=2",
+            "hardware.gpu_memory_gb=80")
+
+    def margin(*extra):
+        return plan_json(*base, *extra)["configured"]["bytes_per_gpu"]["margin"]
+
+    default = margin()
+    assert margin("+strategy.deepspeed_overrides.zero_optimization.reduce_bucket_size=1e7") == default - 490_000_000 * 2
+    assert margin("strategy.overlap_comm=true") == default + 500_000_000 * 2
+    refused = run_cli("plan", *base, "+strategy.deepspeed_overrides.zero_optimization.reduce_bucket_size=auto",
+                      timeout=60)
+    assert_one_line_error(refused, "strategy.deepspeed_overrides.zero_optimization.reduce_bucket_size", "5e8")

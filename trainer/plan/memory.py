@@ -37,7 +37,8 @@ at the step, backward's gradient tensors, LoRA's transient dequantised weights).
 fragment, so it takes no share. On top, fixed bytes (``fixed_margin_bytes``) for what the allocator does not see or
 keeps whatever the model: the CUDA context (0.5 GiB: 287 to 426 MiB measured with lazy module loading, PyTorch's
 default since 1.13), NCCL's communicator buffers when there is more than one rank (0.5 GiB), and DeepSpeed's gradient
-reduce bucket (``reduce_bucket_size``, 5e8 elements in the compute dtype, allocated at any model size).
+reduce bucket (``reduce_bucket_size``, 5e8 elements in the compute dtype by default, allocated at any model size;
+ZeRO-1/2 double-buffer it with ``overlap_comm``): ``deepspeed_bucket_elements``.
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ class PlanInputs:
     # A quantised base's unquantised weights cast to fp32, as peft's prepare_model_for_kbit_training does (the usual
     # Hugging Face QLoRA recipe). The trainer keeps them in the compute dtype.
     upcast_unquantized: bool = False
+    # DeepSpeed's gradient reduce buckets in elements: reduce_bucket_size, twice under ZeRO-1/2 with overlap_comm
+    deepspeed_bucket_elements: int = DEEPSPEED_REDUCE_BUCKET_ELEMENTS
     margin_fraction: float = 0.10  # of the bytes allocated and freed within a step (module docstring)
     margin_bytes: int | None = None  # fixed part; None: ``fixed_margin_bytes`` of this setup
 
@@ -410,7 +413,7 @@ def fixed_margin_bytes(inputs: PlanInputs) -> int:
     if inputs.world_size > 1:
         fixed += COLLECTIVE_BUFFER_BYTES
     if inputs.strategy in DEEPSPEED_STRATEGIES:
-        fixed += DEEPSPEED_REDUCE_BUCKET_ELEMENTS * inputs.compute_bytes
+        fixed += inputs.deepspeed_bucket_elements * inputs.compute_bytes
     return fixed
 
 
