@@ -19,7 +19,8 @@ HOST = torch.device("cpu")
 
 
 class HostEmbedding(torch.nn.Module):
-    """Wraps a model's input embedding module (any subclass: Gemma's scaled one included) on the host."""
+    """Wraps a model's input embedding module on the host; its own forward does the lookup (a family that scales
+    its embeddings keeps doing so)."""
 
     def __init__(self, embedding: torch.nn.Module):
         super().__init__()
@@ -43,7 +44,7 @@ class HostEmbedding(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         rows = self.embedding(input_ids.to(HOST))
-        return rows.to(input_ids.device, non_blocking=False)
+        return rows.to(input_ids.device)  # from pageable memory: a synchronous copy, which the next op needs anyway
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         for name, tensor in self.embedding.state_dict(keep_vars=keep_vars).items():
