@@ -40,6 +40,8 @@ def test_the_embedding_leaves_the_module_tree_and_training_is_unchanged():
     for name, grad in grads.items():
         assert torch.equal(grad, expected_grads[name]), name
 
+    # Checkpointing's input-gradient hook sits on the host embedding, which replaced the module it would have hooked.
+    assert model.get_input_embeddings()._forward_hooks
     # Not a parameter any more (no strategy moves, broadcasts or optimises it), still in the state dict.
     assert not any("embed_tokens" in name for name, _ in model.named_parameters())
     state = model.state_dict()
