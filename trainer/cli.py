@@ -64,6 +64,11 @@ def _commands() -> dict:
         # First: a SIGTERM/SIGINT/SIGUSR1 from here on asks the run to stop with exit 85 (docs/checkpoints.md)
         # rather than killing this process half-way; launch/train.py lets go again for a Slurm submission.
         watch(LAUNCHER_SIGNALS)
+        from trainer.cuda_allocator import use_expandable_segments
+
+        # Before anything touches CUDA: `single` on one process trains in this process (launch/local.py), and the
+        # launcher's workers inherit the setting.
+        use_expandable_segments()
         from launch.train import main as train_main
 
         return train_main(argv)

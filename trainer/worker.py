@@ -155,7 +155,7 @@ def main(argv: list[str]) -> int:
     _leave_if_orphaned_during_start_up(run_dir, rank, parent)
     from trainer.cuda_allocator import use_expandable_segments
 
-    use_expandable_segments()  # before anything touches CUDA
+    use_expandable_segments()  # before anything touches CUDA (a Slurm job script starts workers without the launcher)
     from trainer.config.frozen import load_frozen
     from trainer.recipe import run_training
 
