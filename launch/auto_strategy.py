@@ -159,10 +159,6 @@ def resolve_auto_strategy(config, devices: Devices | None = None, say: Callable[
         return config
     from trainer.config.validate import check_cross_group
 
-    if config.train.embedding_on_host:
-        from trainer.config.validate import check_embedding_on_host
-
-        check_embedding_on_host(config, "auto")
     say = say or (lambda line: sys.stderr.write(f"[trainer] {line}\n"))
     devices = devices or detect_devices(config)
     if devices.memory_gib is None:

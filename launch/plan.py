@@ -118,10 +118,13 @@ def deepspeed_bucket_elements(strategy) -> int:
     zero = (getattr(strategy, "deepspeed_overrides", None) or {}).get("zero_optimization") or {}
     size = zero.get("reduce_bucket_size", DEEPSPEED_REDUCE_BUCKET_ELEMENTS)
     try:
-        size = int(float(size))
+        elements = int(float(size))
     except (TypeError, ValueError):
+        elements = 0
+    if elements <= 0 or isinstance(size, bool):
         raise ConfigError("strategy.deepspeed_overrides.zero_optimization.reduce_bucket_size",
-                          f"must be a number of elements (DeepSpeed's default: 5e8), got {size!r}") from None
+                          f"must be a positive number of elements (DeepSpeed's default: 5e8), got {size!r}")
+    size = elements
     double = getattr(strategy, "overlap_comm", False) and getattr(strategy, "stage", 3) in (1, 2)
     return size * (2 if double else 1)
 
@@ -203,11 +206,13 @@ def build_request(sections: dict[str, Any]) -> PlanRequest:
                          f"{DEFAULT_GPU_MEMORY_GIB:g} GiB GPUs")
         else:
             notes.append(f"hardware.gpu_memory_gb is not set: planned for this machine's GPUs ({gpu_memory:.1f} GiB)")
-    if sections["strategy"].name == "auto":
-        if sections["train"].embedding_on_host:
-            from trainer.config.validate import check_embedding_on_host
+    if sections["train"].embedding_on_host:
+        from trainer.config.validate import check_embedding_on_host
 
-            check_embedding_on_host(SimpleNamespace(**sections), "auto")
+        # The method, the model and peft.modules_to_save, as `trainer train` checks them (strategy "auto": each
+        # strategy is the planner's to refuse, cell by cell), so that auto never trades the method away for it.
+        check_embedding_on_host(SimpleNamespace(**sections), "auto")
+    if sections["strategy"].name == "auto":
         sections = resolve_auto(sections, world, float(gpu_memory), notes)
     model, train = sections["model"], sections["train"]
     arch, source = read_model_arch(model)

@@ -330,6 +330,7 @@ def test_deepspeeds_reduce_bucket_is_planned_as_configured():
     default = margin()
     assert margin("+strategy.deepspeed_overrides.zero_optimization.reduce_bucket_size=1e7") == default - 490_000_000 * 2
     assert margin("strategy.overlap_comm=true") == default + 500_000_000 * 2
-    refused = run_cli("plan", *base, "+strategy.deepspeed_overrides.zero_optimization.reduce_bucket_size=auto",
-                      timeout=60)
-    assert_one_line_error(refused, "strategy.deepspeed_overrides.zero_optimization.reduce_bucket_size", "5e8")
+    for bad in ("auto", "-1"):
+        refused = run_cli("plan", *base, f"+strategy.deepspeed_overrides.zero_optimization.reduce_bucket_size={bad}",
+                          timeout=60)
+        assert_one_line_error(refused, "strategy.deepspeed_overrides.zero_optimization.reduce_bucket_size", "5e8")

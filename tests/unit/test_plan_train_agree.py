@@ -64,6 +64,7 @@ def test_auto_and_plan_recommend_only_what_train_accepts(configs, method, embedd
             for gpus in GPUS:
                 where = f"{entry} peft={method} {gpus} x {gib} GiB"
                 try:
+                    check_peft_optim_strategy(config)  # as `trainer train` validates before auto resolves
                     resolved = resolve_auto_strategy(config, Devices(gpus, gib, "grid"), say=lambda line: None)
                 except ConfigError as err:  # auto may find nothing that fits; it must never pick a refused setup
                     if embedding_on_host and err.key == "train.embedding_on_host":
