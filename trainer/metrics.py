@@ -27,7 +27,8 @@ class Throughput:
 def device_peak_bytes(device) -> int | None:
     """GPU: the most device memory this process held, as the card sees it: the allocator's reserved peak (what it
     took from the driver, fragmentation included) plus what the driver holds beside it now (the CUDA context, NCCL's
-    buffers), the figure `trainer plan`'s total must cover. None on CPU."""
+    buffers), the figure `trainer plan`'s total must cover. Another process on the same card counts too (the driver
+    reports the card's free memory). None on CPU."""
     import torch
 
     if device.type != "cuda":
